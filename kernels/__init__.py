@@ -1,0 +1,1 @@
+"""Entropy kernels (import as ``sentinel_vllm.kernels``)."""

@@ -1,0 +1,248 @@
+"""The 11 trajectory statistics of a response's per-step entropy.
+
+The one definition used by training, the kernel and torch paths, serving and
+evaluation (method.md, "Trajectory statistics"; arXiv 2601.09001 Sec. 3.2).
+
+Names and order (:data:`FEATURE_NAMES`)::
+
+    mean, std, max, q10, q25, q50, q75, q90, skewness, kurtosis, sum
+
+Convention (identical everywhere in this project), for a trajectory
+``x_1..x_T`` of entropies in nats:
+
+* ``mean = sum / T``; ``sum = sum_t x_t`` (accumulated entropy, "SEA");
+* ``std`` is the POPULATION standard deviation (``ddof = 0``): ``sigma = sqrt(m2)``
+  with central moments ``m_j = mean((x - mean)^j)``;
+* ``skewness = m3 / (sigma^3 + 1e-8)``; ``kurtosis = m4 / (sigma^4 + 1e-8)``,
+  NOT excess (a normal sample gives about 3). The ``1e-8`` is the authors'
+  guard; it makes a constant trajectory give 0 for both. (The authors mix a
+  Bessel-corrected sigma with population moments; we use population moments
+  throughout, which differs from their numbers by a factor that tends to 1.)
+* quantiles by linear interpolation between order statistics (numpy's default,
+  ``method="linear"``): ``q = x_(h)`` with ``h = (T - 1) * level``;
+* ``max`` is the largest value.
+
+Defined values: ``T = 0`` gives all 11 features 0.0; ``T = 1`` gives
+``mean = max = q* = sum = x_1`` and ``std = skewness = kurtosis = 0``.
+Non-finite values (NaN, inf) are rejected by :func:`compute_features`; the
+kernel paths drop flagged steps before they reach these statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+__all__ = [
+    "FEATURE_NAMES",
+    "QUANTILE_LEVELS",
+    "EPS",
+    "compute_features",
+    "compute_features_batch",
+    "features_from_moments",
+    "TrajectoryAccumulator",
+]
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "mean",
+    "std",
+    "max",
+    "q10",
+    "q25",
+    "q50",
+    "q75",
+    "q90",
+    "skewness",
+    "kurtosis",
+    "sum",
+)
+QUANTILE_LEVELS: tuple[float, ...] = (0.10, 0.25, 0.50, 0.75, 0.90)
+EPS = 1e-8
+N_FEATURES = len(FEATURE_NAMES)
+
+
+def features_from_moments(n, total, m2, m3, m4, vmax, quantiles) -> np.ndarray:
+    """Assemble the 11 features from a trajectory's summary quantities.
+
+    The single place where the moment formulas live; the batch function, the
+    streaming accumulator and the kernel's final gather all call it.
+
+    Parameters
+    ----------
+    n : array-like of int, shape (batch,)
+        Trajectory length ``T``.
+    total : array-like of float, shape (batch,)
+        ``sum_t x_t`` (nats).
+    m2, m3, m4 : array-like of float, shape (batch,)
+        Population central moments ``mean((x - mean)^j)``.
+    vmax : array-like of float, shape (batch,)
+    quantiles : array-like of float, shape (batch, 5)
+        Linear-interpolation quantiles at :data:`QUANTILE_LEVELS`.
+
+    Returns
+    -------
+    ndarray of float64, shape (batch, 11)
+        Columns in :data:`FEATURE_NAMES` order; rows with ``n == 0`` are zeros.
+    """
+    n = np.asarray(n, dtype=np.float64)
+    total = np.asarray(total, dtype=np.float64)
+    m2 = np.maximum(np.asarray(m2, dtype=np.float64), 0.0)
+    m3 = np.asarray(m3, dtype=np.float64)
+    m4 = np.maximum(np.asarray(m4, dtype=np.float64), 0.0)
+    q = np.asarray(quantiles, dtype=np.float64).reshape(n.shape[0], len(QUANTILE_LEVELS))
+    safe_n = np.where(n > 0, n, 1.0)
+    sigma = np.sqrt(m2)
+    out = np.empty((n.shape[0], N_FEATURES), dtype=np.float64)
+    out[:, 0] = total / safe_n
+    out[:, 1] = sigma
+    out[:, 2] = np.asarray(vmax, dtype=np.float64)
+    out[:, 3:8] = q
+    out[:, 8] = m3 / (sigma**3 + EPS)
+    out[:, 9] = m4 / (sigma**4 + EPS)
+    out[:, 10] = total
+    out[n <= 0] = 0.0
+    return out
+
+
+def _check_finite(x: np.ndarray) -> None:
+    if not np.isfinite(x).all():
+        bad = np.flatnonzero(~np.isfinite(x))[:5].tolist()
+        raise ValueError(f"entropy trajectory has non-finite values at steps {bad}")
+
+
+def compute_features(trajectory: Iterable[float]) -> np.ndarray:
+    """The 11 statistics of one entropy trajectory.
+
+    Parameters
+    ----------
+    trajectory : array-like of float, shape (T,)
+        Per-step entropies in nats, ``T >= 0``.
+
+    Returns
+    -------
+    ndarray of float64, shape (11,)
+        In :data:`FEATURE_NAMES` order (see the module docstring for the convention).
+
+    Raises
+    ------
+    ValueError
+        If the trajectory is not one-dimensional or has a non-finite value.
+    """
+    if not isinstance(trajectory, (np.ndarray, list, tuple)):
+        trajectory = list(trajectory)
+    x = np.asarray(trajectory, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"trajectory must be 1-D, got shape {x.shape}")
+    _check_finite(x)
+    n = x.size
+    if n == 0:
+        return np.zeros(N_FEATURES)
+    mu = x.mean()
+    d = x - mu
+    q = np.quantile(x, QUANTILE_LEVELS)
+    return features_from_moments(
+        [n], [x.sum()], [np.mean(d**2)], [np.mean(d**3)], [np.mean(d**4)], [x.max()], q[None]
+    )[0]
+
+
+def compute_features_batch(padded, lengths) -> np.ndarray:
+    """The 11 statistics of many trajectories stored as a padded matrix.
+
+    Parameters
+    ----------
+    padded : array-like of float, shape (batch, max_len)
+        Row ``i`` holds trajectory ``i`` in its first ``lengths[i]`` entries;
+        the rest is ignored.
+    lengths : array-like of int, shape (batch,)
+
+    Returns
+    -------
+    ndarray of float64, shape (batch, 11)
+        Equal to ``compute_features(padded[i, :lengths[i]])`` per row.
+
+    Raises
+    ------
+    ValueError
+        On shape mismatch, a length outside ``[0, max_len]`` or a non-finite value
+        inside a trajectory.
+    """
+    x = np.asarray(padded, dtype=np.float64)
+    n = np.asarray(lengths, dtype=np.int64)
+    if x.ndim != 2 or n.shape != (x.shape[0],):
+        raise ValueError(f"padded must be (batch, max_len) and lengths (batch,), got {x.shape}, {n.shape}")
+    if (n < 0).any() or (n > x.shape[1]).any():
+        raise ValueError("lengths must lie in [0, max_len]")
+    mask = np.arange(x.shape[1])[None, :] < n[:, None]
+    _check_finite(x[mask])
+    safe_n = np.maximum(n, 1)
+    xm = np.where(mask, x, 0.0)
+    total = xm.sum(1)
+    mu = total / safe_n
+    d = np.where(mask, x - mu[:, None], 0.0)
+    m2 = (d**2).sum(1) / safe_n
+    m3 = (d**3).sum(1) / safe_n
+    m4 = (d**4).sum(1) / safe_n
+    vmax = np.where(mask, x, -np.inf).max(1, initial=-np.inf)
+    vmax = np.where(n > 0, vmax, 0.0)
+    # Linear-interpolation quantiles on sorted rows (padding sorted to the end).
+    s = np.sort(np.where(mask, x, np.inf), axis=1)
+    q = np.zeros((x.shape[0], len(QUANTILE_LEVELS)))
+    rows = np.arange(x.shape[0])
+    for j, level in enumerate(QUANTILE_LEVELS):
+        h = (safe_n - 1) * level
+        lo = np.floor(h).astype(np.int64)
+        hi = np.minimum(lo + 1, safe_n - 1)
+        frac = h - lo
+        a = s[rows, np.minimum(lo, max(x.shape[1] - 1, 0))] if x.shape[1] else np.zeros(len(rows))
+        b = s[rows, np.minimum(hi, max(x.shape[1] - 1, 0))] if x.shape[1] else np.zeros(len(rows))
+        a = np.where(n > 0, a, 0.0)
+        b = np.where(n > 0, b, 0.0)
+        q[:, j] = a + (b - a) * frac
+    return features_from_moments(n, total, m2, m3, m4, vmax, q)
+
+
+class TrajectoryAccumulator:
+    """Streaming form of :func:`compute_features`: feed steps, read the 11 statistics.
+
+    Keeps the trajectory (quantiles are exact, so the result equals the batch
+    computation up to float rounding). This is the contract that the device
+    paths in :mod:`sentinel_vllm.kernels` meet.
+
+    Examples
+    --------
+    >>> acc = TrajectoryAccumulator()
+    >>> acc.update([0.5, 1.0]); acc.update(2.0)
+    >>> acc.n_steps
+    3
+    """
+
+    def __init__(self) -> None:
+        self._chunks: list[np.ndarray] = []
+        self.n_steps = 0
+
+    def update(self, values) -> None:
+        """Append one step (a float) or several (array-like, shape (n,)), nats.
+
+        Raises
+        ------
+        ValueError
+            If a value is not finite (nothing is appended then).
+        """
+        v = np.atleast_1d(np.asarray(values, dtype=np.float64)).ravel()
+        _check_finite(v)
+        self._chunks.append(v)
+        self.n_steps += v.size
+
+    def trajectory(self) -> np.ndarray:
+        """The steps seen so far, float64 of shape (n_steps,)."""
+        return np.concatenate(self._chunks) if self._chunks else np.zeros(0)
+
+    def result(self) -> np.ndarray:
+        """The 11 features, float64 of shape (11,), in :data:`FEATURE_NAMES` order."""
+        return compute_features(self.trajectory())
+
+    def reset(self) -> None:
+        """Forget every step."""
+        self._chunks.clear()
+        self.n_steps = 0
