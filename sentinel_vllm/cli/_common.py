@@ -1,0 +1,58 @@
+"""Arguments and I/O shared by the trace-reading subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+
+
+def add_trace_args(p: argparse.ArgumentParser, entropy: bool = True) -> None:
+    """TRACES... and --skip-bad (and --entropy/--k when ``entropy``)."""
+    p.add_argument("traces", nargs="+", metavar="TRACES", help="trace files (.jsonl, .jsonl.gz, .parquet)")
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed records and count them")
+    if entropy:
+        p.add_argument("--entropy", default="full",
+                       help="entropy series: full, topk, topk_renorm, top<K>, top<K>_renorm (default: full)")
+        p.add_argument("--k", type=int, default=None, help="k for topk (default: each trace's own k)")
+
+
+def load(args):
+    """Read the traces named in ``args``; report skipped records on stderr."""
+    from sentinel_vllm.traces import ReadReport, read_traces
+
+    rep = ReadReport()
+    traces = read_traces(args.traces, skip_bad=args.skip_bad, report=rep)
+    if rep.n_skipped:
+        print(f"skipped {rep.n_skipped} malformed record(s); first: {rep.skipped[0]}", file=sys.stderr)
+    if not traces:
+        raise ValueError("no traces read")
+    return traces
+
+
+def write_csv(path: str, header: list[str], rows) -> None:
+    """Write rows to ``path`` (``-`` is standard output)."""
+    fh = sys.stdout if path == "-" else open(path, "w", newline="", encoding="utf-8")
+    try:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    finally:
+        if fh is not sys.stdout:
+            fh.close()
+
+
+def fmt(v, digits: int = 3) -> str:
+    """A table cell: floats rounded, None as '-'."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown_table(header: list[str], rows) -> str:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,37 @@
+"""``sentinel-vllm estimate``: per-slice estimated accuracy with 95% intervals."""
+
+from __future__ import annotations
+
+import json
+
+from sentinel_vllm.cli import _common
+
+EPILOG = "example: sentinel-vllm estimate sentinel.onnx traffic.jsonl --json"
+COLUMNS = ["slice", "n", "estimated", "ci_low", "ci_high", "true", "aee"]
+
+
+def add_parser(sub):
+    p = sub.add_parser("estimate", help="estimate per-slice accuracy", epilog=EPILOG)
+    p.add_argument("sentinel", help="sentinel .onnx file (or 'default')")
+    _common.add_trace_args(p, entropy=False)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def run(args) -> int:
+    from sentinel_vllm.aggregate import estimate_slices, summary
+    from sentinel_vllm.cli.score import score_traces
+
+    traces = _common.load(args)
+    sent, p = score_traces(args.sentinel, traces)
+    est = estimate_slices([t.slice for t in traces], p, [t.correct for t in traces])
+    summ = summary(est)
+    if args.json:
+        print(json.dumps({"sentinel": sent.id, "slices": {s: e.as_dict() for s, e in est.items()},
+                          **summ}, indent=2))
+        return 0
+    rows = [[s, e.n, e.estimate, e.ci_low, e.ci_high, e.true, e.aee] for s, e in est.items()]
+    print(_common.markdown_table(COLUMNS, rows))
+    print(f"\nmedian AEE {_common.fmt(summ['median_aee'])}  "
+          f"Spearman rho {_common.fmt(summ['spearman_rho'])}  ({summ['n_slices']} labelled slices)")
+    return 0

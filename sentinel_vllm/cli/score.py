@@ -1,0 +1,34 @@
+"""``sentinel-vllm score``: P(correct) per trace with an ONNX sentinel."""
+
+from __future__ import annotations
+
+from sentinel_vllm.cli import _common
+
+EPILOG = "example: sentinel-vllm score sentinel.onnx traces.jsonl --out scores.csv"
+
+
+def add_parser(sub):
+    p = sub.add_parser("score", help="score traces with a sentinel", epilog=EPILOG)
+    p.add_argument("sentinel", help="sentinel .onnx file (or 'default')")
+    _common.add_trace_args(p, entropy=False)
+    p.add_argument("--out", required=True, help="output CSV (- for stdout)")
+    return p
+
+
+def score_traces(sentinel_path: str, traces):
+    """Load the sentinel, check it fits the traces, return (sentinel, p_correct)."""
+    from sentinel_vllm.model import load_sentinel
+    from sentinel_vllm.traces import feature_matrix
+
+    sent = load_sentinel(sentinel_path)
+    meta = sent.metadata
+    X = feature_matrix(traces, meta["entropy"], meta.get("k"))
+    return sent, sent.p_correct(X)
+
+
+def run(args) -> int:
+    traces = _common.load(args)
+    _, p = score_traces(args.sentinel, traces)
+    _common.write_csv(args.out, ["id", "slice", "p_correct"],
+                      [[t.id, t.slice, repr(float(v))] for t, v in zip(traces, p)])
+    return 0

@@ -1,0 +1,56 @@
+"""``sentinel-vllm train``: fit the calibrated forest on traces and export one ONNX file."""
+
+from __future__ import annotations
+
+import sys
+
+from sentinel_vllm.cli import _common
+
+EPILOG = "example: sentinel-vllm train traces.jsonl --slices gsm8k,math_l5 --out sentinel.onnx"
+
+
+def add_parser(sub):
+    p = sub.add_parser("train", help="train and export a sentinel (.onnx)", epilog=EPILOG)
+    _common.add_trace_args(p)
+    p.add_argument("--slices", default=None, help="comma-separated training slices (default: all)")
+    p.add_argument("--out", required=True, help="output .onnx file")
+    p.add_argument("--no-calibration", action="store_true", help="skip isotonic calibration")
+    p.add_argument("--no-balance", action="store_true", help="class_weight=None instead of balanced_subsample")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from sentinel_vllm.model import SentinelClassifier
+    from sentinel_vllm.traces import feature_matrix, series_key
+
+    traces = [t for t in _common.load(args) if t.correct is not None]
+    if args.slices:
+        wanted = [s for s in args.slices.split(",") if s]
+        have = {t.slice for t in traces}
+        missing = [s for s in wanted if s not in have]
+        if missing:
+            raise ValueError(f"slices not in the traces: {missing}; have {sorted(have)}")
+        traces = [t for t in traces if t.slice in set(wanted)]
+    if not traces:
+        raise ValueError("no labelled traces to train on")
+    X = feature_matrix(traces, args.entropy, args.k)
+    y = np.array([t.correct for t in traces], dtype=int)
+    name, k = series_key(args.entropy, args.k)
+    if name != "full" and k is None:
+        ks = {t.k for t in traces}
+        if len(ks) != 1:
+            raise ValueError(f"traces have several k values {sorted(ks, key=str)}; pass --k")
+        k = ks.pop()
+    clf = SentinelClassifier(
+        calibrate=not args.no_calibration,
+        class_weight=None if args.no_balance else "balanced_subsample",
+        random_state=args.seed,
+    ).fit(X, y)
+    slices = sorted({t.slice for t in traces})
+    sid = clf.export_onnx(args.out, entropy=name, k=k, training_slices=slices)
+    print(f"trained on {len(y)} traces ({y.mean():.3f} correct) from {slices}; "
+          f"wrote {args.out} ({sid})", file=sys.stderr)
+    return 0
