@@ -1,0 +1,87 @@
+"""The 11 statistics against hand-computed values and scipy."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from sentinel_vllm.features import (
+    FEATURE_NAMES,
+    TrajectoryAccumulator,
+    compute_features,
+    compute_features_batch,
+)
+
+
+def _as_dict(v):
+    return dict(zip(FEATURE_NAMES, v))
+
+
+def test_names_and_order():
+    assert FEATURE_NAMES == ("mean", "std", "max", "q10", "q25", "q50", "q75", "q90",
+                             "skewness", "kurtosis", "sum")
+
+
+def test_hand_computed_four_values():
+    f = _as_dict(compute_features([1.0, 2.0, 3.0, 10.0]))
+    # mean 4; deviations -3,-2,-1,6; m2 = (9+4+1+36)/4 = 12.5; m3 = (-27-8-1+216)/4 = 45;
+    # m4 = (81+16+1+1296)/4 = 348.5
+    s = 12.5 ** 0.5
+    assert f["mean"] == 4.0 and f["sum"] == 16.0 and f["max"] == 10.0
+    assert f["std"] == pytest.approx(s, abs=1e-12)
+    assert f["skewness"] == pytest.approx(45 / (s**3 + 1e-8), abs=1e-12)
+    assert f["kurtosis"] == pytest.approx(348.5 / (12.5**2 + 1e-8), abs=1e-12)
+    # linear quantiles, h = 3 * level: q10 -> 1 + 0.3; q25 -> 1.75; q50 -> 2.5; q75 -> 2.25 -> 4.75; q90 -> 2.7 -> 7.9
+    assert [f[q] for q in ("q10", "q25", "q50", "q75", "q90")] == pytest.approx([1.3, 1.75, 2.5, 4.75, 7.9])
+
+
+def test_matches_scipy_population_moments():
+    x = np.random.default_rng(0).gamma(2.0, 0.5, size=333)
+    f = _as_dict(compute_features(x))
+    assert f["std"] == pytest.approx(np.std(x, ddof=0), rel=1e-12)
+    assert f["skewness"] == pytest.approx(stats.skew(x, bias=True), rel=1e-6)
+    assert f["kurtosis"] == pytest.approx(stats.kurtosis(x, fisher=False, bias=True), rel=1e-6)
+    np.testing.assert_allclose([f["q10"], f["q90"]], np.quantile(x, [0.1, 0.9]), rtol=1e-12)
+
+
+def test_edge_cases_defined():
+    assert compute_features([]).tolist() == [0.0] * 11
+    one = _as_dict(compute_features([0.7]))
+    assert one == pytest.approx({"mean": 0.7, "std": 0.0, "max": 0.7, "q10": 0.7, "q25": 0.7,
+                                 "q50": 0.7, "q75": 0.7, "q90": 0.7, "skewness": 0.0,
+                                 "kurtosis": 0.0, "sum": 0.7})
+    const = _as_dict(compute_features([2.0] * 5))
+    assert const["std"] == 0.0 and const["skewness"] == 0.0 and const["kurtosis"] == 0.0
+    assert const["sum"] == 10.0
+    with pytest.raises(ValueError):
+        compute_features([1.0, float("nan")])
+    with pytest.raises(ValueError):
+        compute_features([[1.0]])
+
+
+def test_batch_equals_single():
+    rng = np.random.default_rng(3)
+    lengths = np.array([0, 1, 2, 5, 17, 40])
+    padded = np.full((len(lengths), 40), 123.0)  # padding must be ignored
+    for i, n in enumerate(lengths):
+        padded[i, :n] = rng.exponential(1.0, size=n)
+    got = compute_features_batch(padded, lengths)
+    for i, n in enumerate(lengths):
+        np.testing.assert_allclose(got[i], compute_features(padded[i, :n]), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError):
+        compute_features_batch(padded, lengths + 1)
+
+
+def test_accumulator_equals_batch():
+    x = np.random.default_rng(4).exponential(1.0, size=50)
+    acc = TrajectoryAccumulator()
+    acc.update(x[0])
+    acc.update(x[1:20])
+    for v in x[20:]:
+        acc.update(float(v))
+    assert acc.n_steps == 50
+    np.testing.assert_allclose(acc.result(), compute_features(x), rtol=1e-12)
+    with pytest.raises(ValueError):
+        acc.update([1.0, float("inf")])
+    assert acc.n_steps == 50
+    acc.reset()
+    assert acc.result().tolist() == [0.0] * 11

@@ -1,0 +1,95 @@
+"""Trace IO: round trips, series lookup, errors that name file and line."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from sentinel_vllm.features import compute_features
+from sentinel_vllm.traces import (
+    MissingSeriesError,
+    ReadReport,
+    Trace,
+    TraceFormatError,
+    feature_matrix,
+    read_traces,
+    series_key,
+    write_traces,
+)
+
+REC = {"id": "a/1", "slice": "a", "correct": True, "k": 20, "model": "m", "seed": 3,
+       "entropy": {"full": [1.0, 0.5, 0.25], "topk": [0.9, 0.4, 0.2], "top5": [0.5, 0.3, 0.1]}}
+
+
+def test_jsonl_roundtrip_keeps_extra_keys(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text(json.dumps(REC) + "\n\n" + json.dumps({**REC, "id": "a/2", "correct": None}) + "\n")
+    tr = read_traces(p)
+    assert [t.id for t in tr] == ["a/1", "a/2"]
+    assert tr[0].extra == {"model": "m", "seed": 3} and tr[1].correct is None
+    out = tmp_path / "o.jsonl.gz"
+    write_traces(out, tr)
+    assert [t.to_record() for t in read_traces(out)] == [t.to_record() for t in tr]
+
+
+def test_parquet_roundtrip(tmp_path):
+    pytest.importorskip("pyarrow")
+    p = tmp_path / "t.parquet"
+    write_traces(p, [REC, {**REC, "id": "b", "correct": False}])
+    tr = read_traces(p)
+    assert tr[1].correct is False and tr[0].entropy["full"] == [1.0, 0.5, 0.25]
+
+
+def test_series_lookup():
+    t = read_traces_from(REC)
+    assert t.series("full") == [1.0, 0.5, 0.25]
+    assert t.series("topk") == [0.9, 0.4, 0.2]           # own k = 20
+    assert t.series("topk", 20) == t.series("top20") == [0.9, 0.4, 0.2]
+    assert t.series("top5") == [0.5, 0.3, 0.1]
+    assert t.series("top50") is None and t.series("topk_renorm") is None
+    assert series_key("top5_renorm") == ("topk_renorm", 5)
+    with pytest.raises(ValueError):
+        series_key("bogus")
+
+
+def read_traces_from(rec):
+    from sentinel_vllm.traces import _parse_record
+    return _parse_record(rec, "x:1")
+
+
+@pytest.mark.parametrize("line,msg", [
+    ("{not json", "invalid JSON"),
+    ('{"slice": "a"}', "missing required key 'id'"),
+    ('{"id": "x", "slice": "a", "correct": "yes"}', "'correct' must be"),
+    ('{"id": "x", "slice": "a", "entropy": {"full": [1, "a"]}}', "non-numeric"),
+    ('{"id": "x", "slice": "a", "entropy": {"full": [1, -3]}}', "negative or non-finite"),
+    ('{"id": "x", "slice": "a", "entropy": {"topk": [1]}}', "needs 'k'"),
+    ('{"id": "x", "slice": "a", "entropy": {"weird": [1]}}', "unknown entropy series"),
+    ("[1, 2]", "must be a JSON object"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, line, msg):
+    p = tmp_path / "bad.jsonl.gz"
+    with gzip.open(p, "wt") as fh:
+        fh.write(json.dumps(REC) + "\n" + line + "\n" + json.dumps(REC) + "\n")
+    with pytest.raises(TraceFormatError) as e:
+        read_traces(p)
+    assert f"{p}:2" in str(e.value) and msg in str(e.value)
+    rep = ReadReport()
+    assert len(read_traces(p, skip_bad=True, report=rep)) == 2
+    assert rep.n_skipped == 1 and rep.n_read == 2 and f"{p}:2" in rep.skipped[0]
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError):
+        read_traces("/nonexistent/traces.jsonl")
+
+
+def test_feature_matrix_and_missing_series():
+    a = read_traces_from(REC)
+    b = Trace("b", "a", False, {"full": [2.0]}, None)
+    X = feature_matrix([a, b])
+    np.testing.assert_allclose(X[0], compute_features([1.0, 0.5, 0.25]))
+    np.testing.assert_allclose(X[1], compute_features([2.0]))
+    with pytest.raises(MissingSeriesError, match="1 of 2 traces lack the topk"):
+        feature_matrix([a, b], "topk")
