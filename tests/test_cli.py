@@ -1,0 +1,77 @@
+"""The sentinel-vllm CLI end to end on synthetic traces (main([...]), no subprocess)."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from sentinel_vllm.cli import main
+from sentinel_vllm.features import FEATURE_NAMES, compute_features
+from sentinel_vllm.traces import write_traces
+from synthetic import make_traces
+
+
+@pytest.fixture(scope="module")
+def trace_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("cli") / "traces.jsonl"
+    write_traces(p, make_traces(120, seed=2))
+    return str(p)
+
+
+def _csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_features_csv(trace_file, tmp_path):
+    out = tmp_path / "f.csv"
+    assert main(["features", trace_file, "--entropy", "top5", "--out", str(out)]) == 0
+    rows = _csv(out)
+    assert list(rows[0]) == ["id", "slice", "correct", *FEATURE_NAMES]
+    rec = make_traces(120, seed=2)[0]
+    np.testing.assert_allclose([float(rows[0][n]) for n in FEATURE_NAMES],
+                               compute_features(rec["entropy"]["top5"]), rtol=1e-12)
+
+
+def test_train_score_estimate_evaluate(trace_file, tmp_path, capsys):
+    onnx_path = tmp_path / "s.onnx"
+    assert main(["train", trace_file, "--slices", "easy,hard", "--out", str(onnx_path)]) == 0
+    scores = tmp_path / "p.csv"
+    assert main(["score", str(onnx_path), trace_file, "--out", str(scores)]) == 0
+    rows = _csv(scores)
+    assert len(rows) == 480 and list(rows[0]) == ["id", "slice", "p_correct"]
+    p = np.array([float(r["p_correct"]) for r in rows])
+    assert ((p >= 0) & (p <= 1)).all()
+    capsys.readouterr()
+    assert main(["estimate", str(onnx_path), trace_file, "--json"]) == 0
+    est = json.loads(capsys.readouterr().out)
+    for s in ("easy", "mid", "hard", "mixed"):
+        mask = np.array([r["slice"] == s for r in rows])
+        assert est["slices"][s]["estimate"] == pytest.approx(p[mask].mean(), abs=1e-12)
+    assert est["spearman_rho"] > 0.7
+    out_dir = tmp_path / "eval"
+    assert main(["evaluate", trace_file, "--train", "easy,hard", "--out-dir", str(out_dir)]) == 0
+    for f in ("auroc.csv", "compositions.csv", "slices.csv", "report.md",
+              "easy+hard_reliability.png", "easy+hard_estimated_vs_true.png"):
+        assert (out_dir / f).stat().st_size > 0, f
+
+
+def test_sentinel_refuses_mismatched_series(trace_file, tmp_path, capsys):
+    onnx_path = tmp_path / "full.onnx"
+    assert main(["train", trace_file, "--out", str(onnx_path)]) == 0
+    bad = tmp_path / "topk_only.jsonl"
+    write_traces(bad, [{"id": "x", "slice": "a", "correct": None, "k": 20, "entropy": {"topk": [1.0]}}])
+    assert main(["score", str(onnx_path), str(bad), "--out", str(tmp_path / "o.csv")]) == 1
+    assert "lack the full entropy series" in capsys.readouterr().err
+
+
+def test_malformed_trace_names_file_and_line(tmp_path, capsys):
+    p = tmp_path / "bad.jsonl"
+    good = json.dumps(make_traces(1, seed=0)[0])
+    p.write_text(good + "\n{oops\n" + good + "\n")
+    assert main(["features", str(p), "--out", str(tmp_path / "f.csv")]) == 1
+    assert f"{p}:2" in capsys.readouterr().err
+    assert main(["features", str(p), "--skip-bad", "--out", str(tmp_path / "f.csv")]) == 0
+    assert "skipped 1 malformed record" in capsys.readouterr().err
+    assert len(_csv(tmp_path / "f.csv")) == 2
