@@ -1,0 +1,300 @@
+"""Per-slot entropy trajectories on the device, and their final statistics.
+
+Choice: a dense per-slot trajectory buffer, not a quantile sketch. The five
+quantiles of the 11 features (:mod:`sentinel_vllm.features`) are then exact, and
+the final statistics are computed by the very function training uses
+(:func:`sentinel_vllm.features.compute_features_batch`, float64 numpy) on the
+gathered trajectories, so serving and training agree by construction (no
+train/serve skew, no sketch error bound to state). No running moments are kept
+on the device: they would duplicate what the buffer already determines.
+
+Layout, preallocated on the device:
+
+* ``buf``: float32 of shape ``(num_slots, n_series, max_steps)``;
+* ``count``: int64 ``(num_slots,)``, the position one past the last step written
+  (may exceed ``max_steps``: the excess steps are dropped and counted);
+* ``nan_count``: int64 ``(num_slots,)``, invalid rows seen in append mode.
+
+Memory is ``num_slots * max_steps * n_series * 4`` bytes
+(:meth:`SlotState.memory_bytes`): 1,024 slots x 32,768 steps x 2 series
+(full + top-20) = 256 MiB; 256 slots x 8,192 steps x 2 series = 16 MiB.
+
+``record`` is a few tensor ops (gather, where, scatter) with no host
+synchronisation: the write position of each row is read on the device. Slots
+in one ``record`` call must be distinct. Two modes:
+
+* append (``positions=None``): a valid step is written at ``count`` and
+  ``count += 1``; an invalid row (NaN, ``+inf``, all ``-inf``) increments
+  ``nan_count`` and writes nothing.
+* positioned (``positions`` given): the step is written at that position
+  (valid or NaN) and ``count = position + 1``, so a recomputed step overwrites
+  instead of double-counting. An invalid row leaves NaN at its position; at
+  ``gather`` NaN positions (and positions never written since the last reset)
+  are left out of the trajectory and counted in ``nan_steps``: once per
+  position, and a later valid write at that position removes it again.
+
+``gather`` copies the requested slots' rows of the buffer together with their
+counters in ONE device-to-host copy (``n * (n_series * max_steps + 4) * 4``
+bytes) and computes the statistics on the host.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from sentinel_vllm.features import compute_features_batch
+
+from .step import KMAX_LIMIT, entropy_step
+
+__all__ = ["SlotState", "GatherResult", "parse_series"]
+
+_SERIES = re.compile(r"^(full|top(\d+)(_renorm)?)$")
+
+
+def parse_series(series: Sequence[str]) -> tuple[tuple[int, ...], list[tuple[str, int]]]:
+    """Parse series names into the ks to compute and a column map.
+
+    Parameters
+    ----------
+    series : sequence of str
+        ``"full"``, ``"top{k}"`` or ``"top{k}_renorm"`` with ``1 <= k <= 64``; distinct.
+
+    Returns
+    -------
+    ks : tuple of int
+        Sorted distinct k.
+    columns : list of (kind, j)
+        Per series: kind in {"full", "topk", "renorm"} and the index into ks.
+
+    Raises
+    ------
+    ValueError
+        On an unknown or duplicated name, or k outside ``1..64``.
+    """
+    if len(series) == 0 or len(set(series)) != len(series):
+        raise ValueError(f"series must be non-empty and distinct, got {list(series)}")
+    parsed = []
+    for name in series:
+        mt = _SERIES.match(name)
+        if mt is None:
+            raise ValueError(f"unknown series {name!r}: use 'full', 'top{{k}}' or 'top{{k}}_renorm'")
+        if mt.group(1) == "full":
+            parsed.append(("full", 0))
+            continue
+        k = int(mt.group(2))
+        if not 1 <= k <= KMAX_LIMIT:
+            raise ValueError(f"series {name!r}: k must lie in 1..{KMAX_LIMIT}")
+        parsed.append(("renorm" if mt.group(3) else "topk", k))
+    ks = tuple(sorted({k for kind, k in parsed if kind != "full"}))
+    cols = [(kind, ks.index(k) if kind != "full" else 0) for kind, k in parsed]
+    return ks, cols
+
+
+@dataclass
+class GatherResult:
+    """Final state of a set of slots (numpy, host).
+
+    Attributes
+    ----------
+    n_steps : ndarray of int64, shape (n,)
+        Length of the stored trajectory (valid steps).
+    nan_steps : ndarray of int64, shape (n,)
+        Steps flagged invalid (not in the trajectory).
+    truncated : ndarray of bool, shape (n,)
+        True when steps beyond ``max_steps`` were dropped.
+    n_dropped : ndarray of int64, shape (n,)
+        Number of dropped steps.
+    features : dict of str to ndarray of float64, shape (n, 11)
+        Per series, equal to :func:`sentinel_vllm.features.compute_features`
+        on the stored trajectory.
+    trajectories : dict of str to list of ndarray of float64, or None
+        Per series, the trajectory of each slot (only with ``trajectories=True``).
+    """
+
+    n_steps: np.ndarray
+    nan_steps: np.ndarray
+    truncated: np.ndarray
+    n_dropped: np.ndarray
+    features: dict = field(default_factory=dict)
+    trajectories: dict | None = None
+
+
+def _as_index(x, device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.long).reshape(-1)
+    if isinstance(x, (int, np.integer)):
+        x = [int(x)]
+    return torch.as_tensor(list(x), dtype=torch.long, device=device).reshape(-1)
+
+
+class SlotState:
+    """Dense per-slot entropy trajectories on the device (see the module docstring).
+
+    Parameters
+    ----------
+    num_slots : int
+        Number of slots (vLLM persistent-batch rows, ``max_num_seqs``).
+    max_steps : int
+        Steps stored per slot; later steps are counted as dropped.
+    series : sequence of str, default ("full", "top20")
+        ``"full"``, ``"top{k}"``, ``"top{k}_renorm"`` (k <= 64).
+    device : str or torch.device, default "cpu"
+    backend : {"auto", "triton", "torch"}
+        Passed to :func:`~sentinel_vllm.kernels.entropy_step`.
+
+    Raises
+    ------
+    ValueError
+        On a bad series name or a non-positive size.
+    """
+
+    def __init__(self, num_slots: int, max_steps: int, series: Sequence[str] = ("full", "top20"),
+                 device="cpu", backend: str = "auto"):  # fmt: skip
+        if num_slots < 1 or max_steps < 1:
+            raise ValueError(f"num_slots and max_steps must be >= 1, got {num_slots}, {max_steps}")
+        self.series = tuple(series)
+        self.ks, self._cols = parse_series(self.series)
+        self.num_slots, self.max_steps = int(num_slots), int(max_steps)
+        self.device = torch.device(device)
+        self.backend = backend
+        n_ser = len(self.series)
+        self.buf = torch.full((num_slots, n_ser, max_steps), float("nan"), device=self.device)
+        self.count = torch.zeros(num_slots, dtype=torch.long, device=self.device)
+        self.nan_count = torch.zeros(num_slots, dtype=torch.long, device=self.device)
+
+    @staticmethod
+    def memory_bytes(num_slots: int, max_steps: int, n_series: int) -> int:
+        """Bytes of the trajectory buffer: ``num_slots * max_steps * n_series * 4``.
+
+        Examples
+        --------
+        >>> SlotState.memory_bytes(1024, 32768, 2) // 2**20
+        256
+        """
+        return int(num_slots) * int(max_steps) * int(n_series) * 4
+
+    def _values(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Entropies of ``logits[rows]`` as ``(n, n_series)`` float32."""
+        n, b = rows.shape[0], logits.shape[0]
+        if 2 * n >= b:  # cheaper to compute all rows than to copy the selected ones
+            full, topk, renorm = entropy_step(logits, self.ks, backend=self.backend)
+            full, topk, renorm = full[rows], topk[rows], renorm[rows]
+        else:
+            full, topk, renorm = entropy_step(logits.index_select(0, rows), self.ks,
+                                              backend=self.backend)  # fmt: skip
+        src = {"full": full[:, None], "topk": topk, "renorm": renorm}
+        return torch.cat([src[kind][:, j : j + 1] for kind, j in self._cols], 1)
+
+    def record(self, logits: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+               positions: torch.Tensor | None = None) -> None:  # fmt: skip
+        """Compute the entropy of ``logits[rows]`` and store it in ``slots``.
+
+        Enqueue only: no ``.item()``, ``.cpu()`` or ``.tolist()``.
+
+        Parameters
+        ----------
+        logits : torch.Tensor of shape (batch, vocab), float32/bfloat16/float16
+        rows, slots : torch.Tensor of int64, shape (n,)
+            On the logits' device; ``slots`` distinct, in ``0..num_slots-1``.
+        positions : torch.Tensor of int64, shape (n,), optional
+            Write position per row (positioned mode, see the module docstring).
+
+        Raises
+        ------
+        ValueError
+            If ``rows``, ``slots`` (and ``positions``) differ in length.
+        """
+        rows, slots = rows.reshape(-1), slots.reshape(-1)
+        if rows.shape != slots.shape or (positions is not None and positions.numel() != rows.numel()):
+            raise ValueError("rows, slots and positions must have the same length")
+        if rows.numel() == 0:
+            return
+        vals = self._values(logits, rows).to(self.buf.device)
+        slots = slots.to(self.buf.device)
+        valid = torch.isfinite(vals).all(1)
+        if positions is None:
+            pos = self.count.index_select(0, slots)
+            write = valid & (pos < self.max_steps)
+            self.count.index_add_(0, slots, valid.long())
+            self.nan_count.index_add_(0, slots, (~valid).long())
+        else:
+            pos = positions.reshape(-1).to(self.buf.device, torch.long)
+            write = pos < self.max_steps
+            vals = torch.where(valid[:, None], vals, torch.full_like(vals, float("nan")))
+            self.count.index_copy_(0, slots, pos + 1)
+        pos_c = pos.clamp(0, self.max_steps - 1)
+        n_ser = len(self.series)
+        ser = torch.arange(n_ser, device=self.buf.device)
+        idx = (slots[:, None], ser[None, :], pos_c[:, None].expand(-1, n_ser))
+        old = self.buf[idx]
+        self.buf.index_put_(idx, torch.where(write[:, None], vals, old))
+
+    def reset(self, slots) -> None:
+        """Empty ``slots`` (list of int, int or LongTensor)."""
+        s = _as_index(slots, self.device)
+        self.buf.index_fill_(0, s, float("nan"))
+        self.count.index_fill_(0, s, 0)
+        self.nan_count.index_fill_(0, s, 0)
+
+    def move(self, src, dst) -> None:
+        """Copy the state of ``src`` into ``dst`` (``src`` unchanged); all pairs at once."""
+        s, d = _as_index(src, self.device), _as_index(dst, self.device)
+        if s.shape != d.shape:
+            raise ValueError("src and dst must have the same length")
+        for t in (self.buf, self.count, self.nan_count):
+            t.index_copy_(0, d, t.index_select(0, s))
+
+    def swap(self, a, b) -> None:
+        """Exchange the states of slots ``a`` and ``b`` (int or LongTensor pairs)."""
+        a, b = _as_index(a, self.device), _as_index(b, self.device)
+        if a.shape != b.shape:
+            raise ValueError("a and b must have the same length")
+        self.move(torch.cat([a, b]), torch.cat([b, a]))
+
+    def gather(self, slots, trajectories: bool = False) -> GatherResult:
+        """Final statistics of ``slots``, with ONE device-to-host copy.
+
+        Parameters
+        ----------
+        slots : list of int, int or LongTensor of shape (n,)
+        trajectories : bool, default False
+            Also return the trajectories (float64) per series.
+
+        Returns
+        -------
+        GatherResult
+        """
+        s = _as_index(slots, self.device)
+        n, n_ser, m = s.shape[0], len(self.series), self.max_steps
+        counters = torch.stack([self.count.index_select(0, s), self.nan_count.index_select(0, s)], 1)
+        packed = torch.cat([self.buf.index_select(0, s).reshape(n, n_ser * m),
+                            counters.view(torch.float32)], 1)  # fmt: skip
+        host = packed.cpu().numpy()  # the one device-to-host copy
+        cnt = np.ascontiguousarray(host[:, n_ser * m :]).view(np.int64)
+        count, nan_app = cnt[:, 0], cnt[:, 1]
+        data = host[:, : n_ser * m].reshape(n, n_ser, m).astype(np.float64)
+        stored = np.minimum(count, m)
+        inside = np.arange(m)[None, :] < stored[:, None]
+        keep = inside & ~np.isnan(data[:, 0, :])
+        n_steps = keep.sum(1).astype(np.int64)
+        # Compact each slot's kept steps to the front (stable order).
+        order = np.argsort(~keep, axis=1, kind="stable")
+        res = GatherResult(
+            n_steps=n_steps,
+            nan_steps=nan_app + (inside & ~keep).sum(1),
+            truncated=count > m,
+            n_dropped=np.maximum(count - m, 0),
+            trajectories={} if trajectories else None,
+        )
+        for j, name in enumerate(self.series):
+            traj = np.take_along_axis(data[:, j, :], order, axis=1)
+            traj = np.where(np.arange(m)[None, :] < n_steps[:, None], traj, 0.0)
+            res.features[name] = compute_features_batch(traj, n_steps)
+            if trajectories:
+                res.trajectories[name] = [traj[i, : n_steps[i]].copy() for i in range(n)]
+        return res
