@@ -1,0 +1,262 @@
+"""Score finished requests with the ONNX sentinel and build the response ``sentinel`` block.
+
+Runs in the API-server process (and in the offline helper), never in the worker:
+the worker hands back the 11 trajectory statistics per sample
+(``sentinel_fetch``), this module turns them into ``P(correct)`` with one
+onnxruntime call per batch (arXiv 2601.09001 Sec. 3.3, forest + isotonic
+calibration exported by :mod:`sentinel_vllm.model`).
+
+The block (per choice when ``n > 1``, top level when ``n = 1``)::
+
+    {"p_correct": 0.71, "features": {"mean": ..., ..., "sum": ...},
+     "entropy": "full", "k": 49152, "n_steps": 37, "model": "sentinel-0123abcd4567",
+     "slice": "gsm8k"}
+
+``k`` is the number of tokens the entropy sums over: the sentinel's top-k for
+``"topk"``, the vocabulary size for ``"full"`` (0 when unknown). A sample that
+cannot be scored gets ``{"error": "...", "reason": ...}`` instead; the response
+is served either way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from sentinel_vllm.features import FEATURE_NAMES
+
+__all__ = [
+    "SentinelScorer",
+    "ScoredSample",
+    "series_name",
+    "resolve_sentinel_path",
+    "DEFAULT_SENTINEL",
+]
+
+DEFAULT_SENTINEL = Path(__file__).resolve().parent.parent / "data" / "default.onnx"
+
+
+def series_name(entropy: str, k: int | None) -> str:
+    """Name of the worker's entropy series a sentinel was trained on.
+
+    Parameters
+    ----------
+    entropy : str
+        The sentinel's ``metadata["entropy"]``: ``"full"``, ``"topk"`` (paper's
+        top-k, needs ``k``), ``"topk_renorm"`` (needs ``k``) or an explicit series
+        name such as ``"top20"`` (normalised by
+        :func:`sentinel_vllm.export.normalise_entropy`).
+    k : int or None
+
+    Returns
+    -------
+    str
+        ``"full"``, ``"top{k}"`` or ``"top{k}_renorm"``.
+
+    Raises
+    ------
+    ValueError
+        ``"topk"``/``"topk_renorm"`` without a positive ``k``.
+    """
+    from sentinel_vllm.export import normalise_entropy
+
+    kind, kk = normalise_entropy(entropy, k)
+    if kind == "full":
+        return "full"
+    return f"top{kk}" + ("_renorm" if kind == "topk_renorm" else "")
+
+
+def resolve_sentinel_path(arg: str | Path) -> Path:
+    """Path of the sentinel file named on the command line.
+
+    ``"default"`` means the embedded default sentinel
+    (``sentinel_vllm/data/default.onnx``).
+
+    Raises
+    ------
+    ValueError
+        ``"default"`` while no default sentinel ships with this install.
+    """
+    if str(arg) == "default":
+        if not DEFAULT_SENTINEL.is_file():
+            raise ValueError(
+                "--sentinel default: no default sentinel is bundled with this version "
+                f"(expected {DEFAULT_SENTINEL}); train one with `sentinel-vllm train` "
+                "and pass its .onnx path"
+            )
+        return DEFAULT_SENTINEL
+    return Path(arg)
+
+
+@dataclass
+class ScoredSample:
+    """One scored sample.
+
+    Attributes
+    ----------
+    block : dict
+        The response's ``sentinel`` block (or ``{"error": ...}``).
+    reason : str or None
+        Error reason (one of :data:`sentinel_vllm.serving.metrics.ERROR_REASONS`) or None.
+    p_correct : float or None
+    mean_entropy : float or None
+        Mean per-step entropy of the series used, nats.
+    """
+
+    block: dict
+    reason: str | None = None
+    p_correct: float | None = None
+    mean_entropy: float | None = None
+
+
+def error_block(message: str, reason: str = "internal", slice_label: str | None = None) -> dict:
+    """The block of a sample that could not be scored."""
+    out = {"error": message, "reason": reason}
+    if slice_label is not None:
+        out["slice"] = slice_label
+    return out
+
+
+class SentinelScorer:
+    """Turn the worker's per-sample statistics into ``sentinel`` blocks.
+
+    Parameters
+    ----------
+    sentinel : object
+        A loaded sentinel (:func:`sentinel_vllm.model.load_sentinel`): needs
+        ``p_correct(X) -> (n,)``, ``metadata`` and ``id``.
+    vocab_size : int, optional
+        Reported as ``k`` for full-vocabulary sentinels.
+
+    Raises
+    ------
+    ValueError
+        The sentinel's metadata names a feature order other than
+        :data:`~sentinel_vllm.features.FEATURE_NAMES`, or an unusable entropy/k.
+    """
+
+    def __init__(self, sentinel, *, vocab_size: int | None = None):
+        meta = dict(getattr(sentinel, "metadata", {}) or {})
+        names = meta.get("feature_names")
+        if names is not None and tuple(names) != FEATURE_NAMES:
+            raise ValueError(
+                f"sentinel {getattr(sentinel, 'id', '?')} expects features {list(names)}, "
+                f"serving computes {list(FEATURE_NAMES)}"
+            )
+        self.sentinel = sentinel
+        self.id = str(getattr(sentinel, "id", "sentinel-unknown"))
+        from sentinel_vllm.export import normalise_entropy
+
+        self.entropy, self.k = normalise_entropy(str(meta.get("entropy", "full")), meta.get("k"))
+        self.series = series_name(self.entropy, self.k)
+        self.vocab_size = vocab_size
+
+    @classmethod
+    def from_path(cls, path, *, vocab_size: int | None = None) -> "SentinelScorer":
+        """Load and validate an ONNX sentinel file (never pickles).
+
+        Raises
+        ------
+        ValueError
+            (:class:`~sentinel_vllm.model.SentinelFileError` is a subclass) for a
+            missing, unreadable, non-ONNX or wrong-schema file, or ``"default"``
+            while none is bundled.
+        """
+        from sentinel_vllm.model import load_sentinel
+
+        sent = load_sentinel(str(resolve_sentinel_path(path)))
+        return cls(sent, vocab_size=vocab_size)
+
+    @property
+    def k_reported(self) -> int:
+        """``k`` of the block: top-k size, or the vocabulary size for full entropy."""
+        if isinstance(self.k, int) and self.entropy != "full":
+            return self.k
+        return int(self.vocab_size or 0)
+
+    def score(self, samples: Sequence[dict | None], slices: Sequence[str]) -> list[ScoredSample]:
+        """Score samples in one onnxruntime call.
+
+        Parameters
+        ----------
+        samples : sequence of dict or None
+            The worker's per-sample dicts (``{"child", "n_steps", "nan_steps",
+            "truncated", "features": {series: [11 floats]}}``); None for a sample
+            the worker did not return.
+        slices : sequence of str
+            Bounded slice label of each sample.
+
+        Returns
+        -------
+        list of ScoredSample, same order. Never raises for a bad sample; a
+        failure of the ONNX session marks every sample of the batch.
+        """
+        out: list[ScoredSample | None] = [None] * len(samples)
+        rows, where = [], []
+        for i, (s, sl) in enumerate(zip(samples, slices)):
+            try:
+                rows.append(self._row(s))
+                where.append(i)
+            except _SampleError as exc:
+                out[i] = ScoredSample(error_block(str(exc), exc.reason, sl), exc.reason)
+        if rows:
+            X = np.asarray(rows, dtype=np.float64)
+            try:
+                p = np.asarray(self.sentinel.p_correct(X), dtype=np.float64).reshape(-1)
+                if p.shape[0] != X.shape[0]:
+                    raise ValueError(f"sentinel returned {p.shape[0]} scores for {X.shape[0]} rows")
+            except Exception as exc:  # the response must still be served
+                msg = f"sentinel scoring failed: {type(exc).__name__}: {exc}"
+                for i in where:
+                    out[i] = ScoredSample(error_block(msg, "scoring", slices[i]), "scoring")
+                return out  # type: ignore[return-value]
+            for j, i in enumerate(where):
+                out[i] = self._block(samples[i], X[j], float(p[j]), slices[i])
+        return out  # type: ignore[return-value]
+
+    def _row(self, s) -> list[float]:
+        if s is None:
+            raise _SampleError("sentinel results not available for this request", "fetch_timeout")
+        feats = (s.get("features") or {}).get(self.series)
+        if feats is None:
+            have = sorted((s.get("features") or {}).keys())
+            raise _SampleError(
+                f"worker did not collect series {self.series!r} needed by {self.id} "
+                f"(collected: {have})",
+                "missing_series",
+            )
+        row = [float(v) for v in feats]
+        if len(row) != len(FEATURE_NAMES):
+            raise _SampleError(f"expected {len(FEATURE_NAMES)} features, got {len(row)}", "internal")
+        if not all(math.isfinite(v) for v in row):
+            raise _SampleError("non-finite trajectory statistics", "nonfinite")
+        return row
+
+    def _block(self, s: dict, x: np.ndarray, p: float, slice_label: str) -> ScoredSample:
+        if not math.isfinite(p):
+            return ScoredSample(error_block("sentinel returned NaN", "scoring", slice_label), "scoring")
+        block = {
+            "p_correct": p,
+            "features": {name: float(v) for name, v in zip(FEATURE_NAMES, x)},
+            "entropy": self.entropy,
+            "k": self.k_reported,
+            "n_steps": int(s.get("n_steps", 0)),
+            "model": self.id,
+            "slice": slice_label,
+        }
+        if s.get("nan_steps"):
+            block["nan_steps"] = int(s["nan_steps"])
+        if s.get("truncated"):
+            block["truncated"] = True
+        mean_h = float(x[FEATURE_NAMES.index("mean")]) if block["n_steps"] > 0 else None
+        return ScoredSample(block, None, p, mean_h)
+
+
+class _SampleError(Exception):
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
