@@ -1,0 +1,464 @@
+"""The API-server side of the sentinel: an ASGI middleware on vLLM's OpenAI app.
+
+``sentinel-vllm serve`` adds it with vLLM's own ``--middleware`` option; users who
+launch vLLM themselves can do the same (see ``sentinel_vllm/serving/README.md``)::
+
+    SENTINEL_VLLM_SENTINEL=s.onnx vllm serve MODEL \\
+        --logits-processors <processor class> \\
+        --worker-extension-cls sentinel_vllm.serving.worker.SentinelWorkerExtension \\
+        --middleware sentinel_vllm.serving.server.SentinelMiddleware
+
+For ``POST /v1/chat/completions`` and ``/v1/completions`` it
+
+1. sets ``vllm_xargs["sentinel_id"]`` to a fresh server-chosen id (client ids are
+   overwritten; :func:`~sentinel_vllm.serving.response.prepare_request`);
+2. lets vLLM serve the request; when the response is complete (JSON) or reaches
+   ``data: [DONE]`` (stream), asks the worker for the request's statistics with
+   ONE batched ``collective_rpc("sentinel_fetch")`` for all requests finished in
+   the last few milliseconds (:class:`BatchFetcher`), scores them with the ONNX
+   sentinel in a thread (never on the event loop), updates the metrics;
+3. adds the ``sentinel`` block (non-stream: into the JSON; stream: one extra chunk
+   before ``[DONE]``). Any sentinel failure gives ``{"error": ...}``, never a
+   failed response; an aborted request's worker state is discarded.
+
+It also answers ``GET /sentinel/stats`` (the worker's ``sentinel_stats``, rank 0)
+and refreshes the window gauges before each ``GET /metrics`` scrape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+from sentinel_vllm.serving.response import (
+    SENTINEL_PATHS,
+    SSERewriter,
+    attach_blocks,
+    final_chunk,
+    new_sentinel_id,
+    prepare_request,
+)
+from sentinel_vllm.serving.scoring import SentinelScorer, error_block
+
+__all__ = ["ServerConfig", "SentinelMiddleware", "BatchFetcher", "first_result", "CONFIG_ENV"]
+
+log = logging.getLogger("sentinel_vllm.serving")
+CONFIG_ENV = "SENTINEL_VLLM_CONFIG"  # JSON of ServerConfig, set by `sentinel-vllm serve`
+SENTINEL_ENV = "SENTINEL_VLLM_SENTINEL"  # shortcut: just the sentinel path
+
+
+@dataclass
+class ServerConfig:
+    """Settings of the serving sentinel (all from ``sentinel-vllm serve`` options).
+
+    Attributes
+    ----------
+    sentinel : str
+        ONNX sentinel path (or ``"default"``).
+    slices : list of str or None
+        Slice allowlist; None: any label up to ``max_slices``.
+    max_slices : int
+    drift_margin : float
+        Accuracy points below baseline that raise the drift alert.
+    baseline : str or None
+        Baseline JSON path (:func:`sentinel_vllm.serving.metrics.load_baseline`).
+    replica : str or None
+        Replica label (default: hostname).
+    window_count : int
+    window_seconds : float or None
+    min_samples : int
+    batch_delay_s : float
+        How long finished requests are collected before one fetch RPC (seconds).
+    fetch_timeout_s : float
+        How long a finished request's statistics are waited for (seconds).
+    """
+
+    sentinel: str = ""
+    slices: list[str] | None = None
+    max_slices: int = 32
+    drift_margin: float = 0.05
+    baseline: str | None = None
+    replica: str | None = None
+    window_count: int = 1000
+    window_seconds: float | None = 3600.0
+    min_samples: int = 20
+    batch_delay_s: float = 0.005
+    fetch_timeout_s: float = 10.0
+    extra: dict = field(default_factory=dict)
+
+    def to_env(self) -> str:
+        """JSON for :data:`CONFIG_ENV`."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> "ServerConfig":
+        """Read :data:`CONFIG_ENV` (or just :data:`SENTINEL_ENV`).
+
+        Raises
+        ------
+        ValueError
+            Neither variable set, or bad JSON.
+        """
+        raw = os.environ.get(CONFIG_ENV)
+        if raw:
+            try:
+                return cls(**json.loads(raw))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"bad {CONFIG_ENV}: {exc}") from exc
+        if os.environ.get(SENTINEL_ENV):
+            return cls(sentinel=os.environ[SENTINEL_ENV])
+        raise ValueError(
+            f"SentinelMiddleware needs the sentinel file: set {SENTINEL_ENV}=path.onnx "
+            "(or launch with `sentinel-vllm serve MODEL --sentinel path.onnx`)"
+        )
+
+
+def first_result(results):
+    """Rank 0's answer of a ``collective_rpc``: the first non-empty one (TP: one rank works)."""
+    if not isinstance(results, (list, tuple)):
+        return results
+    for r in results:
+        if r:
+            return r
+    return results[0] if results else None
+
+
+class BatchFetcher:
+    """Collect finished requests for a few ms, fetch their statistics in one RPC, score them.
+
+    Parameters
+    ----------
+    rpc : async callable ``(method: str, args: tuple) -> list``
+        ``engine_client.collective_rpc`` (one result per worker).
+    scorer : SentinelScorer
+    metrics : SentinelMetrics or None
+    batch_delay_s, timeout_s : float
+        Collection delay and give-up time (seconds).
+    executor : concurrent.futures.Executor, optional
+        Where ONNX scoring runs (default: one dedicated thread).
+    """
+
+    def __init__(self, rpc, scorer: SentinelScorer, metrics=None, *, batch_delay_s=0.005,
+                 timeout_s=10.0, executor=None):
+        self.rpc, self.scorer, self.metrics = rpc, scorer, metrics
+        self.batch_delay_s, self.timeout_s = batch_delay_s, timeout_s
+        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="sentinel-score")
+        self._pending: dict[str, dict] = {}
+        self._task: asyncio.Task | None = None
+        self.rpc_calls = 0
+
+    async def blocks(self, sentinel_id: str, n: int, slice_label: str) -> dict[int, dict]:
+        """Blocks per choice index for a finished request (never raises)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[sentinel_id] = {"fut": fut, "n": n, "slice": slice_label, "got": {},
+                                      "deadline": time.monotonic() + self.timeout_s}
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+        return await fut
+
+    async def discard(self, sentinel_ids: list[str]) -> None:
+        """Free worker state of aborted requests (errors are logged, not raised)."""
+        try:
+            await self.rpc("sentinel_discard", (list(sentinel_ids),))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("sentinel_discard failed: %s", exc)
+
+    async def _run(self) -> None:
+        while self._pending:
+            await asyncio.sleep(self.batch_delay_s)
+            ids = list(self._pending)
+            try:
+                self.rpc_calls += 1
+                res = first_result(await self.rpc("sentinel_fetch", (ids,))) or {}
+            except Exception as exc:  # noqa: BLE001
+                self._fail(ids, f"sentinel fetch failed: {type(exc).__name__}: {exc}", "rpc")
+                continue
+            now, ready = time.monotonic(), []
+            for sid in ids:
+                entry = self._pending[sid]
+                for sample in res.get(sid) or ():
+                    entry["got"][int(sample.get("child", 0))] = sample
+                if len(entry["got"]) >= entry["n"] or now > entry["deadline"]:
+                    ready.append(sid)
+            if ready:
+                await self._score(ready)
+            if self._pending and not ready:
+                await asyncio.sleep(0.02)  # results not there yet: poll gently
+
+    async def _score(self, ids: list[str]) -> None:
+        entries = [self._pending.pop(sid) for sid in ids]
+        samples, slices, owner = [], [], []
+        for sid, e in zip(ids, entries):
+            for child in range(e["n"]):
+                samples.append(e["got"].get(child))
+                slices.append(e["slice"])
+                owner.append((sid, child))
+        loop = asyncio.get_running_loop()
+        try:
+            scored = await loop.run_in_executor(self.executor, self.scorer.score, samples, slices)
+        except Exception as exc:  # noqa: BLE001 (score() should not raise; belt and braces)
+            for sid, e in zip(ids, entries):
+                self._resolve(e, {c: error_block(str(exc), "internal", e["slice"]) for c in range(e["n"])})
+            return
+        out: dict[str, dict[int, dict]] = {sid: {} for sid in ids}
+        timed_out = []
+        for (sid, child), s in zip(owner, scored):
+            out[sid][child] = s.block
+            if self.metrics is not None:
+                if s.reason is None:
+                    self.metrics.observe(s.block["slice"], s.p_correct, s.mean_entropy)
+                else:
+                    self.metrics.error(s.reason)
+            if s.reason == "fetch_timeout":
+                timed_out.append(sid)
+        for sid, e in zip(ids, entries):
+            self._resolve(e, out[sid])
+        if timed_out:
+            await self.discard(sorted(set(timed_out)))
+
+    def _fail(self, ids, message, reason) -> None:
+        for sid in ids:
+            e = self._pending.pop(sid)
+            if self.metrics is not None:
+                for _ in range(e["n"]):
+                    self.metrics.error(reason)
+            self._resolve(e, {c: error_block(message, reason, e["slice"]) for c in range(e["n"])})
+
+    @staticmethod
+    def _resolve(entry, blocks) -> None:
+        if not entry["fut"].done():
+            entry["fut"].set_result(blocks)
+
+
+class _State:
+    """Per-process objects created on the first request (they need the engine client)."""
+
+    def __init__(self, mw: "SentinelMiddleware", app_state):
+        from sentinel_vllm.serving.metrics import SentinelMetrics
+
+        cfg = mw.config
+        engine = getattr(app_state, "engine_client", None)
+        if engine is None:
+            raise RuntimeError("app.state.engine_client is missing: not a vLLM OpenAI server")
+        mc = getattr(engine, "model_config", None)
+        if mw.scorer.vocab_size is None and mc is not None:
+            try:
+                mw.scorer.vocab_size = int(mc.get_vocab_size())
+            except Exception:  # noqa: BLE001
+                pass
+        model = _served_name(mc)
+        factory = mw.metrics_factory or SentinelMetrics
+        self.metrics = factory(
+            model=model, sentinel_id=mw.scorer.id, replica=cfg.replica, slices=cfg.slices,
+            max_slices=cfg.max_slices, window_count=cfg.window_count,
+            window_seconds=cfg.window_seconds, baseline=cfg.baseline,
+            drift_margin=cfg.drift_margin, min_samples=cfg.min_samples,
+        )
+
+        async def rpc(method, args):
+            return await engine.collective_rpc(method, args=args)
+
+        self.rpc = rpc
+        self.fetcher = BatchFetcher(rpc, mw.scorer, self.metrics, batch_delay_s=cfg.batch_delay_s,
+                                    timeout_s=cfg.fetch_timeout_s)
+
+
+def _served_name(mc) -> str:
+    name = getattr(mc, "served_model_name", None) or getattr(mc, "model", None) or "unknown"
+    if isinstance(name, (list, tuple)):
+        name = name[0] if name else "unknown"
+    return str(name)
+
+
+class SentinelMiddleware:
+    """Pure ASGI middleware adding the sentinel to vLLM's OpenAI-compatible app.
+
+    Parameters
+    ----------
+    app : ASGI app
+    config : ServerConfig, optional
+        Default :meth:`ServerConfig.from_env`.
+    metrics_factory : callable, optional
+        Builds the metrics object (tests pass one with a private registry).
+
+    Raises
+    ------
+    ValueError
+        At app build time, for a missing/corrupt/non-ONNX sentinel, so a server
+        never starts without a usable sentinel.
+    """
+
+    def __init__(self, app, config: ServerConfig | None = None, metrics_factory=None):
+        self.app = app
+        self.config = config or ServerConfig.from_env()
+        self.scorer = SentinelScorer.from_path(self.config.sentinel)
+        self.metrics_factory = metrics_factory
+        self._state: _State | None = None
+
+    def state(self, scope) -> _State:
+        """The per-process state (built on first use)."""
+        if self._state is None:
+            self._state = _State(self, scope["app"].state)
+        return self._state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, method = scope.get("path", ""), scope.get("method", "GET")
+        if method == "POST" and path in SENTINEL_PATHS:
+            return await self._tracked(scope, receive, send)
+        if method == "GET" and path == "/sentinel/stats":
+            return await self._stats(scope, send)
+        if path.startswith("/metrics") and self._state is not None:
+            self._state.metrics.refresh()  # expire old window entries before the scrape
+        return await self.app(scope, receive, send)
+
+    async def _stats(self, scope, send) -> None:
+        try:
+            stats = first_result(await self.state(scope).rpc("sentinel_stats", ())) or {}
+            status, body = 200, {"sentinel": self.scorer.id, "worker": stats}
+        except Exception as exc:  # noqa: BLE001
+            status, body = 503, {"error": f"{type(exc).__name__}: {exc}"}
+        data = json.dumps(body).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(data)).encode())]})
+        await send({"type": "http.response.body", "body": data})
+
+    async def _tracked(self, scope, receive, send) -> None:
+        chunks, more = [], True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return await self.app(scope, _replay(b"".join(chunks), receive, msg), send)
+            chunks.append(msg.get("body", b""))
+            more = msg.get("more_body", False)
+        raw = b"".join(chunks)
+        try:
+            obj = json.loads(raw)
+            if not isinstance(obj, dict):
+                raise ValueError
+        except ValueError:
+            return await self.app(scope, _replay(raw, receive), send)  # vLLM reports it
+        body, opts = prepare_request(obj, new_sentinel_id())
+        multi_prompt = scope["path"] == "/v1/completions" and _n_prompts(obj.get("prompt")) > 1
+        if multi_prompt and opts.enabled:  # one id cannot follow several prompts
+            for key in ("sentinel_id", "sentinel_n"):
+                body["vllm_xargs"].pop(key)
+            body["vllm_xargs"] = body["vllm_xargs"] or None
+        new_raw = json.dumps(body).encode()
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(new_raw)).encode()))
+        scope = dict(scope, headers=headers)
+        if not opts.enabled:
+            return await self.app(scope, _replay(new_raw, receive), send)
+        if multi_prompt:
+            blocks_fn = _const_error("the sentinel scores one prompt per /v1/completions request")
+        else:
+            try:
+                st = self.state(scope)
+                label = st.metrics.label_slice(opts.slice)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("sentinel state")
+                blocks_fn = _const_error(f"sentinel unavailable: {exc}")
+            else:
+                async def blocks_fn(n):
+                    return await st.fetcher.blocks(opts.sentinel_id, n, label)
+        rw = _ResponseRewriter(send, blocks_fn, opts.n)
+        try:
+            await self.app(scope, _replay(new_raw, receive), rw.send)
+        finally:
+            if not rw.completed and not multi_prompt and self._state is not None:
+                asyncio.ensure_future(self._state.fetcher.discard([opts.sentinel_id]))
+
+
+def _n_prompts(prompt) -> int:
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return len(prompt)
+    return 1
+
+
+def _const_error(message: str):
+    async def fn(n):
+        return {i: error_block(message, "internal") for i in range(n)}
+    return fn
+
+
+def _replay(body: bytes, receive, extra=None):
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        if extra is not None:
+            return extra
+        return await receive()
+
+    return replay
+
+
+class _ResponseRewriter:
+    """``send`` wrapper: adds blocks to a JSON body or a final SSE chunk."""
+
+    def __init__(self, send, blocks_fn, n: int):
+        self._send, self._blocks_fn, self.n = send, blocks_fn, n
+        self.mode, self.start, self.completed = None, None, False
+        self._buf: list[bytes] = []
+        self._sse = SSERewriter()
+
+    async def _blocks(self) -> dict[int, dict]:
+        try:
+            return await self._blocks_fn(self.n)
+        except Exception as exc:  # noqa: BLE001 (the response must be served)
+            log.exception("sentinel blocks")
+            return {i: error_block(f"{type(exc).__name__}: {exc}", "internal") for i in range(self.n)}
+
+    async def send(self, message) -> None:
+        if message["type"] == "http.response.start":
+            ctype = dict((k.lower(), v) for k, v in message.get("headers", [])).get(b"content-type", b"")
+            if message.get("status") != 200:
+                self.mode = "pass"
+            elif ctype.startswith(b"text/event-stream"):
+                self.mode = "sse"
+            else:
+                self.mode, self.start = "json", message
+                return
+            return await self._send(message)
+        if message["type"] != "http.response.body" or self.mode == "pass":
+            return await self._send(message)
+        body, more = message.get("body", b""), message.get("more_body", False)
+        if self.mode == "sse":
+            out = self._sse.feed(body)
+            if self._sse.done and not self.completed:
+                self.completed = True
+                chunk = final_chunk(self._sse.last_chunk, await self._blocks(), self.n)
+                out += SSERewriter.encode(chunk) + SSERewriter.DONE
+            if not more:
+                out += self._sse.flush()
+            if out or not more:
+                await self._send({"type": "http.response.body", "body": out, "more_body": more})
+            return
+        self._buf.append(body)
+        if more:
+            return
+        data = b"".join(self._buf)
+        try:
+            obj = json.loads(data)
+            if not isinstance(obj, dict) or "choices" not in obj:
+                raise ValueError("not a completion object")
+        except ValueError:
+            pass
+        else:
+            data = json.dumps(attach_blocks(obj, await self._blocks(), self.n)).encode()
+            self.completed = True
+        headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(data)).encode()))
+        await self._send(dict(self.start, headers=headers))
+        await self._send({"type": "http.response.body", "body": data, "more_body": False})

@@ -1,0 +1,243 @@
+"""The API-server middleware (sentinel_vllm.serving.server) on a fake vLLM app: no model.
+
+The fake app behaves like vLLM's OpenAI server for what the middleware touches:
+it reads ``vllm_xargs``, "generates" a fixed trajectory per choice, parks the
+worker statistics under the sentinel id it received, and answers with a JSON
+completion or an SSE stream ending in ``data: [DONE]``.
+"""
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+prometheus_client = pytest.importorskip("prometheus_client")
+starlette = pytest.importorskip("starlette")
+
+from starlette.applications import Starlette  # noqa: E402
+from starlette.responses import JSONResponse, StreamingResponse  # noqa: E402
+from starlette.routing import Route  # noqa: E402
+
+from sentinel_vllm.features import compute_features  # noqa: E402
+from sentinel_vllm.serving.metrics import SentinelMetrics  # noqa: E402
+from sentinel_vllm.serving.server import SentinelMiddleware, ServerConfig  # noqa: E402
+from serving_helpers import make_tiny_sentinel, reference_p  # noqa: E402
+
+
+def traj(child, n_tokens):
+    return [0.3 + 0.4 * child + 0.1 * i for i in range(n_tokens)]
+
+
+class FakeEngine:
+    def __init__(self):
+        self.parked, self.calls, self.seen_xargs = {}, [], []
+        self.model_config = type("MC", (), {"served_model_name": "fake-model",
+                                            "get_vocab_size": lambda self: 1000})()
+
+    async def collective_rpc(self, method, args=()):
+        self.calls.append((method, args))
+        if method == "sentinel_fetch":
+            return [{sid: self.parked.pop(sid) for sid in args[0] if sid in self.parked}, {}]
+        if method == "sentinel_discard":
+            for sid in args[0]:
+                self.parked.pop(sid, None)
+            return [None, None]
+        if method == "sentinel_stats":
+            return [{"active": 0, "parked": len(self.parked)}, {}]
+        raise AssertionError(method)
+
+
+def make_app(engine, sentinel, metrics_reg):
+    async def chat(request):
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "invalid JSON"}, status_code=400)
+        xa = body.get("vllm_xargs") or {}
+        engine.seen_xargs.append(xa)
+        n, T = body.get("n", 1), body.get("max_tokens", 4)
+        if body.get("status") == 400:
+            return JSONResponse({"error": "bad"}, status_code=400)
+        if "sentinel_id" in xa:
+            engine.parked[xa["sentinel_id"]] = [
+                {"child": c, "n_steps": T, "nan_steps": 0, "truncated": False,
+                 "features": {"full": compute_features(traj(c, T)).tolist()}} for c in range(n)]
+        if body.get("stream"):
+            async def gen():
+                for c in range(n):
+                    yield "data: " + json.dumps({"id": "cmpl-1", "object": "chat.completion.chunk",
+                                                 "created": 1, "model": "fake-model",
+                                                 "choices": [{"index": c, "delta": {"content": "x"}}]}) + "\n\n"
+                if body.get("abort"):
+                    return  # vLLM ends the stream without [DONE] when the client goes away
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(gen(), media_type="text/event-stream")
+        return JSONResponse({"id": "cmpl-1", "object": "chat.completion", "model": "fake-model",
+                             "choices": [{"index": c, "message": {"content": "x"}} for c in range(n)],
+                             "usage": {"completion_tokens": T * n}})
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
+                            Route("/v1/completions", chat, methods=["POST"])])
+    app.state.engine_client = engine
+
+    def factory(**kw):
+        return SentinelMetrics(registry=metrics_reg, **kw)
+
+    app.add_middleware(SentinelMiddleware, metrics_factory=factory,
+                       config=ServerConfig(sentinel=str(sentinel), batch_delay_s=0.05,
+                                           fetch_timeout_s=0.5, slices=["gsm8k"],
+                                           replica="r0"))
+    return app
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sent") / "s.onnx"
+    return path, make_tiny_sentinel(path)
+
+
+@pytest.fixture
+def env(tiny):
+    engine, reg = FakeEngine(), prometheus_client.CollectorRegistry()
+    app = make_app(engine, tiny[0], reg)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+    return engine, reg, client, tiny[1]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_json_n1_block_and_client_id_overwritten(env):
+    engine, reg, client, parts = env
+    req = {"messages": [], "max_tokens": 5,
+           "vllm_xargs": {"sentinel_id": "someone-elses", "sentinel_slice": "gsm8k"}}
+    r = run(client.post("/v1/chat/completions", json=req))
+    assert r.status_code == 200
+    out = r.json()
+    sid = engine.seen_xargs[0]["sentinel_id"]
+    assert sid != "someone-elses" and sid.startswith("snt-")
+    b = out["sentinel"]
+    assert b["n_steps"] == out["usage"]["completion_tokens"] == 5
+    assert b["p_correct"] == pytest.approx(reference_p(parts, [compute_features(traj(0, 5))])[0])
+    assert b["features"]["sum"] == pytest.approx(sum(traj(0, 5)))
+    assert (b["slice"], b["entropy"], b["k"], b["model"]) == ("gsm8k", "full", 1000, parts[0])
+    assert int(r.headers["content-length"]) == len(r.content)
+    assert reg.get_sample_value("sentinel_requests_scored_total", {
+        "model": "fake-model", "sentinel": parts[0], "replica": "r0", "slice": "gsm8k"}) == 1
+    assert engine.parked == {}
+
+
+def test_stream_n2_final_chunk_before_done(env):
+    engine, reg, client, parts = env
+    req = {"messages": [], "max_tokens": 3, "n": 2, "stream": True,
+           "vllm_xargs": {"sentinel_slice": "not-allowed"}}
+    r = run(client.post("/v1/chat/completions", json=req))
+    events = [e for e in r.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2][len("data: "):])
+    assert last["id"] == "cmpl-1" and "sentinel" not in last
+    for c in (0, 1):
+        b = last["choices"][c]["sentinel"]
+        assert last["choices"][c]["index"] == c and b["slice"] == "other"
+        assert b["features"]["mean"] == pytest.approx(np.mean(traj(c, 3)))
+    assert engine.seen_xargs[0]["sentinel_n"] == 2
+
+
+def test_concurrent_requests_share_fetch_rpcs(env):
+    engine, reg, client, parts = env
+
+    async def many():
+        reqs = [client.post("/v1/chat/completions", json={"messages": [], "max_tokens": 2 + i})
+                for i in range(8)]
+        return await asyncio.gather(*reqs)
+
+    rs = run(many())
+    assert [r.json()["sentinel"]["n_steps"] for r in rs] == [2 + i for i in range(8)]
+    fetches = [c for c in engine.calls if c[0] == "sentinel_fetch"]
+    assert len(fetches) < 8 and sum(len(c[1][0]) for c in fetches) >= 8
+
+
+def test_scoring_failure_still_serves_with_error(env, monkeypatch):
+    engine, reg, client, parts = env
+    r0 = run(client.post("/v1/chat/completions", json={"messages": []}))
+    assert "p_correct" in r0.json()["sentinel"]
+    mw = _middleware(client)
+
+    def boom(X):
+        raise RuntimeError("ort failure")
+
+    monkeypatch.setattr(mw.scorer.sentinel, "p_correct", boom)
+    r = run(client.post("/v1/chat/completions", json={"messages": [], "max_tokens": 2}))
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "x"
+    assert "ort failure" in r.json()["sentinel"]["error"]
+    assert reg.get_sample_value("sentinel_errors_total", {
+        "model": "fake-model", "sentinel": parts[0], "replica": "r0", "reason": "scoring"}) == 1
+
+
+def test_missing_results_time_out_into_error_and_discard(env):
+    engine, reg, client, parts = env
+    orig = engine.collective_rpc
+
+    async def forgetful(method, args=()):
+        if method == "sentinel_fetch":
+            engine.calls.append((method, args))
+            return [{}, {}]
+        return await orig(method, args)
+
+    engine.collective_rpc = forgetful
+    r = run(client.post("/v1/chat/completions", json={"messages": []}))
+    assert r.json()["sentinel"]["reason"] == "fetch_timeout"
+    assert engine.calls[-1][0] == "sentinel_discard"
+
+
+def test_aborted_stream_discards_state(env):
+    engine, reg, client, parts = env
+    r = run(client.post("/v1/chat/completions",
+                        json={"messages": [], "stream": True, "abort": True}))
+    assert "[DONE]" not in r.text and "sentinel" not in r.text
+    sid = engine.seen_xargs[0]["sentinel_id"]
+    assert ("sentinel_discard", ([sid],)) in engine.calls
+    assert engine.parked == {}
+
+
+def test_opt_out_errors_and_passthrough(env):
+    engine, reg, client, parts = env
+    r = run(client.post("/v1/chat/completions",
+                        json={"messages": [], "vllm_xargs": {"sentinel": False}}))
+    assert "sentinel" not in r.json() and engine.seen_xargs[-1] == {}
+    r = run(client.post("/v1/chat/completions", json={"messages": [], "status": 400}))
+    assert r.status_code == 400 and r.json() == {"error": "bad"}
+    r = run(client.post("/v1/completions", json={"prompt": ["a", "b"]}))
+    assert "sentinel_id" not in (engine.seen_xargs[-1] or {})
+    assert "one prompt" in r.json()["sentinel"]["error"]
+    r = run(client.post("/v1/chat/completions", content=b"{not json",
+                        headers={"content-type": "application/json"}))
+    assert r.status_code == 400 and r.json() == {"error": "invalid JSON"}  # the app's own error
+
+
+def test_stats_route(env):
+    engine, reg, client, parts = env
+    r = run(client.get("/sentinel/stats"))
+    assert r.json() == {"sentinel": parts[0], "worker": {"active": 0, "parked": 0}}
+
+
+def test_bad_sentinel_file_fails_at_build(tmp_path):
+    bad = tmp_path / "x.onnx"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not an ONNX"):
+        SentinelMiddleware(lambda *a: None, config=ServerConfig(sentinel=str(bad)))
+    with pytest.raises(ValueError, match="no such sentinel file"):
+        SentinelMiddleware(lambda *a: None, config=ServerConfig(sentinel=str(tmp_path / "m")))
+
+
+def _middleware(client):
+    app = client._transport.app
+    stack = app.middleware_stack or app.build_middleware_stack()
+    app.middleware_stack = stack
+    node = stack
+    while not isinstance(node, SentinelMiddleware):
+        node = node.app
+    return node
