@@ -189,7 +189,8 @@ class Sentinel:
         feature_names : sequence of str
             Names and order of the columns that will be scored.
         entropy : str
-            ``"full"``, ``"topk"`` (with ``k``), ``"top<K>"``, ``"topk_renorm"`` or ``"top<K>_renorm"``.
+            ``"full"``, ``"topk"`` (with ``k``), ``"top<K>"``, ``"topk_renorm"`` or
+            ``"top<K>_renorm"``.
         k : int, optional
 
         Raises

@@ -44,7 +44,8 @@ def _versions() -> dict:
     import sentinel_vllm
 
     return {"sentinel_vllm": sentinel_vllm.__version__, "python": platform.python_version(),
-            "numpy": np.__version__, "scipy": scipy.__version__, "scikit-learn": sklearn.__version__,
+            "numpy": np.__version__, "scipy": scipy.__version__,
+            "scikit-learn": sklearn.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 

@@ -242,7 +242,8 @@ def test_refusals(onnx_file, tmp_path):
         tmp_path / "model.joblib": "ONNX only",
         _rewrite(good, tmp_path / "nometa.onnx", lambda m: m.ClearField("metadata_props")):
             "without 'sentinel' metadata",
-        _rewrite(good, tmp_path / "json.onnx", _set_meta("sentinel", "{not json")): "not valid JSON",
+        _rewrite(good, tmp_path / "json.onnx", _set_meta("sentinel", "{not json")):
+            "not valid JSON",
         _rewrite(good, tmp_path / "v9.onnx", _meta_with(schema_version=9)): "schema_version 9",
         _rewrite(good, tmp_path / "names.onnx", _meta_with(feature_names=["a", "b"])):
             r"shape \(n, 2\)",
@@ -252,7 +253,8 @@ def test_refusals(onnx_file, tmp_path):
         _rewrite(good, tmp_path / "f32.onnx",
                  lambda m: m.graph.input[0].type.tensor_type.__setattr__("elem_type", TP.FLOAT)):
             "must be float64",
-        _rewrite(good, tmp_path / "out.onnx", lambda m: m.graph.output.pop()): "outputs must include",
+        _rewrite(good, tmp_path / "out.onnx", lambda m: m.graph.output.pop()):
+            "outputs must include",
     }
     for path, match in cases.items():
         with pytest.raises(SentinelFileError, match=match) as e:
@@ -298,7 +300,7 @@ PICKLE_LOADERS = re.compile(
 
 
 def test_nothing_in_the_package_loads_pickle_or_joblib():
-    files = sorted((ROOT / "sentinel_vllm").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py"))
+    files = [f for d in ("sentinel_vllm", "kernels") for f in sorted((ROOT / d).rglob("*.py"))]
     assert len(files) > 5
     hits = [f"{f.relative_to(ROOT)}:{m.group(0).strip()}"
             for f in files for m in PICKLE_LOADERS.finditer(f.read_text())]

@@ -141,6 +141,7 @@ def test_minority_of_two_uses_two_folds():
     X = rng.normal(size=(40, 11))
     y = np.zeros(40, bool)
     y[[3, 17]] = True
-    clf = SentinelClassifier(n_estimators=5, max_depth_grid=(3,), min_samples_split_grid=(2,)).fit(X, y)
+    clf = SentinelClassifier(n_estimators=5, max_depth_grid=(3,), min_samples_split_grid=(2,))
+    clf.fit(X, y)
     assert clf.n_splits_ == 2
     assert clf.predict_proba(X).shape == (40, 2)
