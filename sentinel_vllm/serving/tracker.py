@@ -1,0 +1,449 @@
+"""Request-keyed slot bookkeeping shared by both vLLM processors and the worker.
+
+vLLM's runners key their per-request state by a *row* (V1 persistent batch)
+or a *request slot* (MRV2); both are recycled, and a finished request often
+leaves without a removal hook. The :class:`SlotTracker` keeps the sentinel's
+state keyed by the request itself, ``(sentinel_id, child)``, in a pool of
+device slots of a :class:`sentinel_vllm.kernels.SlotState` that is separate
+from rows:
+
+* ``acquire`` gives a request a slot (or returns its existing one: resumption
+  after preemption continues the same trajectory; the kernel writes each step
+  at its trajectory position, so recomputation overwrites, never double counts);
+* ``park`` marks a request that left the batch (finished, aborted or
+  preempted: the runner cannot tell which); its slot is kept for the result
+  channel;
+* ``fetch`` / ``discard`` free parked slots; parked slots are also evicted after
+  ``park_timeout_s`` (default 600 s) and least-recently-parked first when the
+  pool is full. Pool exhaustion never raises: the request is left untracked and
+  counted (``stats()["untracked_pool_full"]``).
+
+One device slot (the last) is a scratch slot: rows that must not be recorded
+but cannot be filtered without a device sync (MRV2 speculative rows) write
+there.
+
+Processors register their tracker in a process-wide registry
+(:func:`register`, :func:`live_trackers`) through which the worker extension
+(:mod:`sentinel_vllm.serving.worker`) reaches it.
+
+References: arXiv 2601.09001 Sec. 3 (per-step entropy, trajectory statistics);
+docs/architecture.md (data flow).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from sentinel_vllm.features import FEATURE_NAMES
+
+__all__ = ["SlotTracker", "register", "live_trackers", "DEFAULT_SERIES", "DEFAULT_PARK_TIMEOUT_S"]
+
+DEFAULT_SERIES: tuple[str, ...] = ("full", "top20")
+DEFAULT_PARK_TIMEOUT_S = 600.0
+
+
+@dataclass(eq=False)
+class Entry:
+    """One tracked sample (a request, or one child of an ``n > 1`` request)."""
+
+    sid: str
+    child: int
+    slot: int
+    active: bool = True
+    owner: Any = None  # runner-specific: V1 row or MRV2 request slot
+    parked_at: float = 0.0
+    release: bool = False  # fetched/discarded while active: free when it parks
+    params: Any = field(default=None, repr=False)  # identity hint for n > 1 without child index
+
+
+class SlotTracker:
+    """Pool of device slots keyed by ``(sentinel_id, child)``.
+
+    Parameters
+    ----------
+    num_slots : int
+        Usable slots (one more, the scratch slot, is allocated on the device).
+    max_steps : int
+        Longest trajectory kept per slot (steps beyond are counted as truncated
+        by the kernel).
+    series : sequence of str
+        Entropy series recorded per step (``"full"``, ``"top{k}"``,
+        ``"top{k}_renorm"``), nats.
+    device : torch.device or str
+    backend : str, default "auto"
+        Passed to :class:`sentinel_vllm.kernels.SlotState`.
+    park_timeout_s : float, default 600
+        Seconds after which an unfetched parked slot is freed.
+    clock : callable, default :func:`time.monotonic`
+        Seconds; injectable for tests.
+    state_factory : callable, optional
+        ``state_factory(num_slots, max_steps, series=..., device=..., backend=...)``;
+        defaults to :class:`sentinel_vllm.kernels.SlotState` (imported lazily).
+
+    Raises
+    ------
+    ValueError
+        If ``num_slots < 1`` or ``max_steps < 1`` or ``series`` is empty.
+    """
+
+    def __init__(
+        self,
+        num_slots: int,
+        max_steps: int,
+        series: Iterable[str] = DEFAULT_SERIES,
+        device: Any = "cpu",
+        *,
+        backend: str = "auto",
+        park_timeout_s: float = DEFAULT_PARK_TIMEOUT_S,
+        clock: Callable[[], float] = time.monotonic,
+        state_factory: Callable[..., Any] | None = None,
+    ) -> None:
+        series = tuple(series)
+        if num_slots < 1 or max_steps < 1 or not series:
+            raise ValueError(
+                f"need num_slots >= 1, max_steps >= 1 and a series, got {num_slots}, {max_steps}, {series}"
+            )
+        if state_factory is None:
+            from sentinel_vllm.kernels import SlotState as state_factory  # noqa: N813
+        self.series = series
+        self.num_slots = int(num_slots)
+        self.max_steps = int(max_steps)
+        self.scratch_slot = self.num_slots  # never handed out
+        self.park_timeout_s = float(park_timeout_s)
+        self.clock = clock
+        self.state = state_factory(
+            self.num_slots + 1, self.max_steps, series=series, device=device, backend=backend
+        )
+        self._free: list[int] = list(range(self.num_slots - 1, -1, -1))  # pop() -> lowest
+        self._entries: dict[tuple[str, int], Entry] = {}
+        self._by_sid: dict[str, set[int]] = {}
+        self._lock = threading.RLock()
+        self.counters = {
+            "untracked_pool_full": 0,
+            "untracked_lost": 0,
+            "evicted_timeout": 0,
+            "evicted_lru": 0,
+        }
+
+    # ------------------------------------------------------------------ slots
+
+    def acquire(self, sid: str, child: int | None, params: Any = None, resume_hint: bool | None = None):
+        """Slot for a request entering the batch: new, or its existing one.
+
+        Parameters
+        ----------
+        sid : str
+            The request's ``sentinel_id``.
+        child : int or None
+            Choice index for ``n > 1``; None when unknown (see
+            :mod:`sentinel_vllm.serving.identity`): then an entry whose
+            ``params`` object is ``params`` is resumed, else a parked one when
+            ``resume_hint`` is true, else a new child index is allocated.
+        params : object, optional
+            The request's ``SamplingParams`` (identity hint only).
+        resume_hint : bool, optional
+            True when the request already has output tokens (a resumption after
+            preemption): its existing entry is continued; if there is none (it
+            was evicted, or never tracked) the request stays untracked and is
+            counted in ``untracked_lost``.
+
+        Returns
+        -------
+        Entry or None
+            None when the pool is exhausted (the request stays untracked).
+        """
+        with self._lock:
+            if child is None:
+                child = self._infer_child(sid, params, resume_hint)
+            key = (sid, child)
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.active = True
+                if params is not None:
+                    entry.params = params
+                return entry
+            if resume_hint:
+                # A resumed request whose earlier steps we do not hold (evicted, or
+                # untracked when it started): a partial trajectory would mislead.
+                self.counters["untracked_lost"] += 1
+                return None
+            slot = self._take_slot()
+            if slot is None:
+                self.counters["untracked_pool_full"] += 1
+                return None
+            self.state.reset(self._slot_tensor([slot]))
+            entry = Entry(sid=sid, child=child, slot=slot, params=params)
+            self._entries[key] = entry
+            self._by_sid.setdefault(sid, set()).add(child)
+            return entry
+
+    def _infer_child(self, sid: str, params: Any, resume_hint: bool | None) -> int:
+        children = self._by_sid.get(sid, set())
+        entries = [self._entries[(sid, c)] for c in sorted(children)]
+        for e in entries:
+            if params is not None and e.params is params:
+                return e.child
+        if resume_hint:
+            parked = [e for e in entries if not e.active and not e.release]
+            if parked:
+                return max(parked, key=lambda e: e.parked_at).child
+        return (max(children) + 1) if children else 0
+
+    def _take_slot(self) -> int | None:
+        self.evict_expired()
+        if not self._free:
+            parked = [e for e in self._entries.values() if not e.active]
+            if not parked:
+                return None
+            self._free_entry(min(parked, key=lambda e: e.parked_at))
+            self.counters["evicted_lru"] += 1
+        return self._free.pop()
+
+    def park(self, entry: Entry) -> None:
+        """Mark ``entry`` as out of the batch; free it at once if already fetched."""
+        with self._lock:
+            if self._entries.get((entry.sid, entry.child)) is not entry:
+                return
+            entry.active = False
+            entry.owner = None
+            entry.parked_at = self.clock()
+            if entry.release:
+                self._free_entry(entry)
+
+    def _free_entry(self, entry: Entry) -> None:
+        key = (entry.sid, entry.child)
+        if self._entries.get(key) is not entry:
+            return
+        del self._entries[key]
+        kids = self._by_sid.get(entry.sid)
+        if kids is not None:
+            kids.discard(entry.child)
+            if not kids:
+                del self._by_sid[entry.sid]
+        self._free.append(entry.slot)
+
+    def evict_expired(self) -> int:
+        """Free parked slots older than ``park_timeout_s``; returns how many."""
+        with self._lock:
+            now = self.clock()
+            old = [
+                e
+                for e in self._entries.values()
+                if not e.active and now - e.parked_at > self.park_timeout_s
+            ]
+            for e in old:
+                self._free_entry(e)
+            self.counters["evicted_timeout"] += len(old)
+            return len(old)
+
+    def _slot_tensor(self, slots):
+        import torch
+
+        device = getattr(self.state, "device", None) or "cpu"
+        return torch.as_tensor(list(slots), dtype=torch.long).to(device)
+
+    # ------------------------------------------------------------ result side
+
+    def _select(self, sids: Iterable[str]) -> list[Entry]:
+        out = []
+        for sid in dict.fromkeys(sids):
+            for c in sorted(self._by_sid.get(sid, ())):
+                out.append(self._entries[(sid, c)])
+        return out
+
+    def fetch(self, sids: Iterable[str]) -> dict[str, list[dict]]:
+        """Features of the requested ids, one ``gather`` for all of them.
+
+        Parked entries are freed; active ones are freed when they leave the
+        batch. Unknown ids are absent from the answer.
+
+        Returns
+        -------
+        dict
+            ``{sentinel_id: [{"child": int, "n_steps": int, "nan_steps": int,
+            "truncated": bool, "features": {series: [11 floats]}}, ...]}``,
+            samples sorted by child; features in
+            :data:`sentinel_vllm.features.FEATURE_NAMES` order (nats).
+        """
+        with self._lock:
+            entries = self._select(sids)
+            if not entries:
+                return {}
+            res = self.state.gather(self._slot_tensor(e.slot for e in entries))
+            n = np.asarray(res.n_steps).reshape(-1)
+            nan = np.asarray(res.nan_steps).reshape(-1)
+            trunc = np.asarray(res.truncated).reshape(-1)
+            feats = {s: np.asarray(res.features[s], dtype=np.float64) for s in self.series}
+            out: dict[str, list[dict]] = {}
+            for i, e in enumerate(entries):
+                out.setdefault(e.sid, []).append(
+                    {
+                        "child": e.child,
+                        "n_steps": int(n[i]),
+                        "nan_steps": int(nan[i]),
+                        "truncated": bool(trunc[i]),
+                        "features": {s: [float(v) for v in feats[s][i]] for s in self.series},
+                    }
+                )
+                if e.active:
+                    e.release = True
+                else:
+                    self._free_entry(e)
+            return out
+
+    def trajectories(self, sids: Iterable[str]) -> dict[str, list[dict]]:
+        """Per-step series of the requested ids (nothing is freed).
+
+        Returns
+        -------
+        dict
+            ``{sentinel_id: [{"child": int, "n_steps": int, "series": {name: [floats]}}]}``
+            (nats; at most ``max_steps`` values per series).
+        """
+        with self._lock:
+            entries = self._select(sids)
+            if not entries:
+                return {}
+            res = self.state.gather(self._slot_tensor(e.slot for e in entries), trajectories=True)
+            n = np.asarray(res.n_steps).reshape(-1)
+            out: dict[str, list[dict]] = {}
+            for i, e in enumerate(entries):
+                m = int(min(n[i], self.max_steps))
+                series = {s: [float(v) for v in np.asarray(res.trajectories[s][i])[:m]] for s in self.series}
+                out.setdefault(e.sid, []).append({"child": e.child, "n_steps": int(n[i]), "series": series})
+            return out
+
+    def discard(self, sids: Iterable[str]) -> int:
+        """Forget the ids (aborted requests); returns how many samples were dropped."""
+        with self._lock:
+            entries = self._select(sids)
+            for e in entries:
+                if e.active:
+                    e.release = True
+                else:
+                    self._free_entry(e)
+            return len(entries)
+
+    def stats(self) -> dict:
+        """Counts: ``active``, ``parked``, ``released_active``, ``free_slots``, ``num_slots`` and counters."""
+        with self._lock:
+            active = sum(e.active for e in self._entries.values())
+            released = sum(e.active and e.release for e in self._entries.values())
+            return {
+                "active": active - released,
+                "released_active": released,
+                "parked": len(self._entries) - active,
+                "free_slots": len(self._free),
+                "num_slots": self.num_slots,
+                **self.counters,
+            }
+
+    def entries(self) -> list[Entry]:
+        """Snapshot of the live entries (tests and debugging)."""
+        with self._lock:
+            return list(self._entries.values())
+
+
+# ------------------------------------------------------------------ registry
+
+_REGISTRY: list[weakref.ref] = []
+_REGISTRY_LOCK = threading.Lock()
+
+
+def register(tracker: SlotTracker) -> None:
+    """Make ``tracker`` reachable from the worker extension in this process."""
+    with _REGISTRY_LOCK:
+        _REGISTRY[:] = [r for r in _REGISTRY if r() is not None]
+        _REGISTRY.append(weakref.ref(tracker))
+
+
+def live_trackers() -> list[SlotTracker]:
+    """Trackers registered in this process that are still alive, oldest first."""
+    with _REGISTRY_LOCK:
+        out = [r() for r in _REGISTRY]
+        return [t for t in out if t is not None]
+
+
+def feature_names() -> tuple[str, ...]:
+    """The order of the 11 values in ``fetch`` answers."""
+    return FEATURE_NAMES
+
+
+# ------------------------------------------------------------ construction
+
+
+def is_sentinel_rank() -> bool:
+    """True in the one worker per engine that does the sentinel work.
+
+    That is tensor-parallel rank 0 of the last pipeline stage (the stage that
+    holds the logits). Without initialised vLLM process groups (tests, a
+    single process) this is True.
+    """
+    try:
+        from vllm.distributed import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized():
+            return True
+        return ps.get_tp_group().rank_in_group == 0 and ps.get_pp_group().is_last_rank
+    except Exception:  # pragma: no cover - vLLM absent or groups half set up
+        return True
+
+
+def tracker_config(vllm_config: Any) -> dict:
+    """Tracker settings from ``--additional-config '{"sentinel": {...}}'`` or env vars.
+
+    Keys (env var in brackets): ``series`` (``SENTINEL_SERIES``, comma list,
+    default ``full,top20``), ``max_steps`` (``SENTINEL_MAX_STEPS``, default
+    ``min(max_model_len, 32768)``), ``num_slots`` (``SENTINEL_NUM_SLOTS``,
+    default ``2 * max_num_seqs``), ``park_timeout_s`` (``SENTINEL_PARK_TIMEOUT_S``,
+    default 600), ``backend`` (``SENTINEL_BACKEND``, default ``auto``).
+    """
+    import os
+
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    cfg = dict(extra.get("sentinel", {})) if isinstance(extra, dict) else {}
+
+    def get(key, env, default, conv):
+        if key in cfg:
+            return conv(cfg[key])
+        if os.environ.get(env):
+            return conv(os.environ[env])
+        return default
+
+    max_model_len = getattr(getattr(vllm_config, "model_config", None), "max_model_len", 4096) or 4096
+    max_seqs = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", 256) or 256
+
+    def series_conv(v):
+        return tuple(s.strip() for s in (v.split(",") if isinstance(v, str) else v) if s.strip())
+
+    return {
+        "series": get("series", "SENTINEL_SERIES", DEFAULT_SERIES, series_conv),
+        "max_steps": get("max_steps", "SENTINEL_MAX_STEPS", min(int(max_model_len), 32768), int),
+        "num_slots": get("num_slots", "SENTINEL_NUM_SLOTS", 2 * int(max_seqs), int),
+        "park_timeout_s": get("park_timeout_s", "SENTINEL_PARK_TIMEOUT_S", DEFAULT_PARK_TIMEOUT_S, float),
+        "backend": get("backend", "SENTINEL_BACKEND", "auto", str),
+    }
+
+
+def make_tracker(vllm_config: Any, device: Any, **overrides) -> SlotTracker | None:
+    """The tracker for a processor instance, registered; None on other ranks."""
+    if not is_sentinel_rank():
+        return None
+    cfg = {**tracker_config(vllm_config), **overrides}
+    tracker = SlotTracker(
+        cfg["num_slots"],
+        cfg["max_steps"],
+        cfg["series"],
+        device,
+        backend=cfg["backend"],
+        park_timeout_s=cfg["park_timeout_s"],
+        state_factory=cfg.get("state_factory"),
+    )
+    register(tracker)
+    return tracker
