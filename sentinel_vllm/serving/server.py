@@ -299,6 +299,12 @@ class SentinelMiddleware:
         self.scorer = SentinelScorer.from_path(self.config.sentinel)
         self.metrics_factory = metrics_factory
         self._state: _State | None = None
+        try:  # n > 1: give each child its choice index (see serving/identity.py)
+            from sentinel_vllm.serving.identity import install_child_index_patch
+
+            install_child_index_patch()
+        except ImportError:
+            pass
 
     def state(self, scope) -> _State:
         """The per-process state (built on first use)."""

@@ -1,0 +1,189 @@
+"""``sentinel-vllm serve MODEL --sentinel S.onnx [vLLM serve options]``.
+
+Validates the sentinel file first (a missing, corrupt, non-ONNX or pickle file
+exits with status 2 and a clear message, before vLLM loads anything), then runs
+vLLM's OpenAI-compatible server in this process, exactly as ``vllm serve`` does,
+with three options added:
+
+* ``--logits-processors sentinel_vllm.serving.processor:SentinelLogitsProcessor``
+  (the MRV2 class when ``VLLM_USE_V2_MODEL_RUNNER=1``);
+* ``--worker-extension-cls sentinel_vllm.serving.worker.SentinelWorkerExtension``;
+* ``--middleware sentinel_vllm.serving.server.SentinelMiddleware`` (the response
+  layer; its settings travel in ``$SENTINEL_VLLM_CONFIG``).
+
+Every option not listed below goes to vLLM untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXAMPLES = """examples:
+  sentinel-vllm serve ~/.cache/sentinel-vllm/models/smollm2-135m-instruct \\
+      --sentinel sentinel.onnx --port 8000 --max-model-len 1024
+  sentinel-vllm serve MODEL --sentinel s.onnx --sentinel-slices gsm8k,math \\
+      --sentinel-baseline baseline.json --sentinel-drift-margin 0.05
+
+  curl localhost:8000/v1/chat/completions -H 'content-type: application/json' -d \\
+    '{"model": "...", "messages": [...], "vllm_xargs": {"sentinel_slice": "gsm8k"}}'
+  # -> the response carries "sentinel": {"p_correct": ..., "features": {...}, ...}
+"""
+
+WORKER_EXTENSION = "sentinel_vllm.serving.worker.SentinelWorkerExtension"
+MIDDLEWARE = "sentinel_vllm.serving.server.SentinelMiddleware"
+
+
+def _add_sentinel_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sentinel")
+    g.add_argument("--sentinel", required=True, metavar="S.onnx",
+                   help="ONNX sentinel file (`sentinel-vllm train`), or 'default'")
+    g.add_argument("--sentinel-slices", default=None, metavar="A,B,C",
+                   help="allowlist of slice labels (others count as 'other')")
+    g.add_argument("--sentinel-max-slices", type=int, default=32, metavar="N",
+                   help="cap on distinct slice labels (default 32)")
+    g.add_argument("--sentinel-drift-margin", type=float, default=0.05, metavar="M",
+                   help="drift alert when a slice's estimate < baseline - M (default 0.05)")
+    g.add_argument("--sentinel-baseline", default=None, metavar="JSON",
+                   help='baseline accuracy per slice: {"slice": 0.7, "*": 0.6}')
+    g.add_argument("--sentinel-replica", default=None,
+                   help="replica label of the metrics (default: hostname)")
+    g.add_argument("--sentinel-window", type=int, default=1000, metavar="N",
+                   help="responses per slice window (default 1000)")
+    g.add_argument("--sentinel-window-seconds", type=float, default=3600.0, metavar="S",
+                   help="age limit of the window in seconds, 0 = none (default 3600)")
+    g.add_argument("--sentinel-min-samples", type=int, default=20, metavar="N",
+                   help="no drift alert below this many responses in the window (default 20)")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``serve`` (for ``--help``; the dispatcher calls :func:`main` directly)."""
+    p = subparsers.add_parser(
+        "serve", help="run vLLM's OpenAI server with the sentinel",
+        description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="model folder or name (as for `vllm serve`)")
+    _add_sentinel_options(p)
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="passed to vLLM untouched")
+    return p
+
+
+def run(args) -> int:
+    """Entry used when the dispatcher parsed the arguments itself."""
+    argv = [args.model, "--sentinel", args.sentinel, *args.vllm_args]
+    return main(argv)
+
+
+def build_config(ns):
+    """:class:`~sentinel_vllm.serving.server.ServerConfig` from parsed options.
+
+    Raises
+    ------
+    ValueError
+        An unusable sentinel file, baseline file or option value.
+    """
+    from sentinel_vllm.serving.metrics import load_baseline
+    from sentinel_vllm.serving.scoring import SentinelScorer, resolve_sentinel_path
+    from sentinel_vllm.serving.server import ServerConfig
+
+    path = resolve_sentinel_path(ns.sentinel)
+    scorer = SentinelScorer.from_path(path)  # ONNX only; raises a clear ValueError
+    if ns.sentinel_baseline is not None:
+        load_baseline(ns.sentinel_baseline)
+    if not 0 <= ns.sentinel_drift_margin <= 1:
+        raise ValueError(f"--sentinel-drift-margin must be in [0, 1], got {ns.sentinel_drift_margin}")
+    for opt in ("sentinel_max_slices", "sentinel_window", "sentinel_min_samples"):
+        if getattr(ns, opt) < 1:
+            raise ValueError(f"--{opt.replace('_', '-')} must be >= 1")
+    slices = [s.strip() for s in ns.sentinel_slices.split(",") if s.strip()] \
+        if ns.sentinel_slices else None
+    cfg = ServerConfig(
+        sentinel=os.path.abspath(path), slices=slices, max_slices=ns.sentinel_max_slices,
+        drift_margin=ns.sentinel_drift_margin,
+        baseline=os.path.abspath(ns.sentinel_baseline) if ns.sentinel_baseline else None,
+        replica=ns.sentinel_replica, window_count=ns.sentinel_window,
+        window_seconds=ns.sentinel_window_seconds or None, min_samples=ns.sentinel_min_samples)
+    return cfg, scorer
+
+
+def vllm_argv(model: str, rest: list[str]) -> list[str]:
+    """The ``vllm serve`` arguments: the user's, plus the processor, extension and middleware.
+
+    Raises
+    ------
+    ValueError
+        The user passed ``--worker-extension-cls`` (vLLM takes only one).
+    """
+    from sentinel_vllm.serving.processor import processor_fqcn
+
+    if any(a == "--worker-extension-cls" or a.startswith("--worker-extension-cls=") for a in rest):
+        raise ValueError("--worker-extension-cls is set by sentinel-vllm serve "
+                         f"({WORKER_EXTENSION}); it cannot be combined with another")
+    use_v2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("", "0")
+    proc = processor_fqcn(use_v2=use_v2)
+    out = [model]
+    for i, a in enumerate(rest):
+        out.append(a)
+        if a == "--logits-processors":  # the user's own processors stay, ours joins them
+            out.append(proc)
+            proc = None
+    if proc is not None:
+        out += ["--logits-processors", proc]
+    return out + ["--worker-extension-cls", WORKER_EXTENSION, "--middleware", MIDDLEWARE]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Validate the sentinel, then run vLLM's OpenAI server with it; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="sentinel-vllm serve", add_help=False,
+                                description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?")
+    _add_sentinel_options(p)
+    if not argv or argv[0] in ("-h", "--help"):
+        p.print_help()
+        print("\nAll other options are vLLM's (`python -m vllm.entrypoints.openai.api_server --help`).")
+        return 0
+    try:
+        ns, rest = p.parse_known_args(argv)
+    except SystemExit as exc:  # argparse already printed the message
+        return int(exc.code or 2)
+    if not ns.model:
+        print("sentinel-vllm serve: error: MODEL is required", file=sys.stderr)
+        return 2
+    try:
+        cfg, scorer = build_config(ns)
+        args = vllm_argv(ns.model, rest)
+    except ValueError as exc:
+        print(f"sentinel-vllm serve: error: {exc}", file=sys.stderr)
+        return 2
+    from sentinel_vllm.serving.server import CONFIG_ENV
+
+    os.environ[CONFIG_ENV] = cfg.to_env()
+    print(f"sentinel-vllm serve: sentinel {scorer.id} ({scorer.entropy}"
+          f"{'' if scorer.k is None else f', k={scorer.k}'}, series {scorer.series!r})",
+          file=sys.stderr, flush=True)
+    return run_vllm_serve(args)
+
+
+def run_vllm_serve(args: list[str]) -> int:
+    """Run ``vllm serve ARGS`` in this process (vLLM's own parser, validation and launcher)."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from sentinel_vllm.serving.identity import install_child_index_patch
+
+    install_child_index_patch()  # n > 1: each child's choice index reaches the worker
+    cli_env_setup()
+    parser = FlexibleArgumentParser(prog="sentinel-vllm serve")
+    sub = parser.add_subparsers(required=True, dest="subparser")
+    cmd = ServeSubcommand()
+    cmd.subparser_init(sub).set_defaults(dispatch_function=cmd.cmd)
+    ns = parser.parse_args(["serve", *args])
+    configure_logging_from_args(ns)
+    cmd.validate(ns)
+    cmd.cmd(ns)
+    return 0
