@@ -262,7 +262,7 @@ def load_benchmark(name: str, n: int | None = None, seed: int = 0, path: str | N
     Parameters
     ----------
     name : str
-        A key of :data:`BENCHMARKS`, or any name when ``path`` and ``fields`` describe the file.
+        A key of :data:`BENCHMARKS`, or any name for your own file given as ``path``.
     n : int, optional
         Number of problems (all when None or larger than the set).
     seed : int
@@ -297,9 +297,9 @@ def load_benchmark(name: str, n: int | None = None, seed: int = 0, path: str | N
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     bench = BENCHMARKS.get(name)
-    if bench is None and not (path and fields):
+    if bench is None and path is None:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)} "
-                         "(or give path= and fields= for your own file)")
+                         "(or give path= to your own file, with fields= unless it is canonical)")
     if path is not None or source == "file":
         if path is None:
             raise ValueError("source='file' needs path=")
