@@ -68,7 +68,7 @@ def _build_kernel():
             isbad = (x != x) | (x == float("inf"))
             bad = bad | tl.max(isbad.to(tl.int32), 0)
             x = tl.where(isbad, neg_inf, x)
-            bmax = tl.max(x, 0)
+            bmax, bi = tl.max(x, 0, return_indices=True)
             m_new = tl.maximum(m, bmax)
             a = tl.where(m_new == neg_inf, 1.0, tl.exp(m - m_new))
             d = tl.where(m == neg_inf, 0.0, m - m_new)
@@ -79,13 +79,14 @@ def _build_kernel():
             s = a * s + tl.sum(e, 0)
             m = m_new
             if DO_TOPK:
+                # Expected insertions per row ~ k (1 + ln(V / k)) for any value distribution
+                # in random order; each costs one block reduction.
                 while bmax > thr:
-                    i = tl.min(tl.where(x == bmax, offs, BLOCK_SIZE), 0)
-                    x = tl.where(offs == i, neg_inf, x)
-                    j = tl.min(tl.where(buf == thr, kidx, KP), 0)
+                    x = tl.where(offs == bi, neg_inf, x)
+                    j = tl.argmin(buf, 0)
                     buf = tl.where(kidx == j, bmax, buf)
                     thr = tl.min(buf, 0)
-                    bmax = tl.max(x, 0)
+                    bmax, bi = tl.max(x, 0, return_indices=True)
         invalid = (bad != 0) | (m == neg_inf)
         log_s = tl.log(s)
         h = tl.maximum(log_s - t / s, 0.0)
