@@ -50,7 +50,7 @@ class Grade:
 
 
 # ---------------------------------------------------------------- free-form extraction
-_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+_NUMBER = re.compile(r"\d+:\d+|-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*(.+)", re.IGNORECASE)
 _SCI = re.compile(r"(-?\d+(?:\.\d+)?)[eE]([+-]?\d+)")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
@@ -180,15 +180,16 @@ def extract_choice(response: str, choices: tuple[str, ...]) -> tuple[str | None,
         hit = _option_text(boxed, choices)
         if hit:
             return hit, "boxed option text"
-    pats = [
-        (rf"(?:answer|option|choice)\s*(?:is|:|would be|=)?\s*:?\s*(?:option\s*)?\**\s*[\(\[]?({L})"
-         rf"(?![\w])", "answer is"),
+    lo = valid.lower()
+    pats = [  # letters upper case, or lower case only inside brackets ("(b)")
+        (rf"(?i:answer|option|choice)\s*(?i:is|:|would be|=)?\s*:?\s*(?i:option\s*)?\**\s*"
+         rf"(?:[\(\[]?({L})|[\(\[]([{lo}])[\)\]])(?![\w])", "answer is"),
         (rf"\*\*\s*\(?({L})\)?[.:)]?\s*\*\*", "bold letter"),
-        (rf"(?m)^\s*[\(\[]?({L})[\)\].:]?(?:\s.*)?$", "letter line"),
+        (rf"(?m)^\s*(?:[\(\[]({L})[\)\]]|({L})(?:[\)\].:](?:\s.*)?)?)\s*$", "letter line"),
     ]
     for pat, how in pats:
-        found = re.findall(pat, tail, flags=re.IGNORECASE if how == "answer is" else 0)
-        found = [f.upper() for f in found if f.upper() in valid]
+        found = ["".join(g) if isinstance(g, tuple) else g for g in re.findall(pat, tail)]
+        found = [f.upper() for f in found if f and f.upper() in valid]
         if found:
             return found[-1], how
     hit = _option_text(tail, choices)
