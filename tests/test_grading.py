@@ -145,8 +145,8 @@ def test_extract_answer_origins():
 
 
 def test_grading_in_threads_matches_main_thread():
-    cases = [(P(r"\frac{1}{2}"), "0.5"), (P("7"), r"\boxed{8}"), (P(r"\sqrt{2}"), r"\boxed{\sqrt2}"),
-             (P("5"), r"\boxed{9^{9^{9}}}"), (MC, "**B**")]
+    cases = [(P(r"\frac{1}{2}"), "0.5"), (P("7"), r"\boxed{8}"),
+             (P(r"\sqrt{2}"), r"\boxed{\sqrt2}"), (P("5"), r"\boxed{9^{9^{9}}}"), (MC, "**B**")]
     main = [grade(p, r) for p, r in cases]
     out: list = [None] * len(cases)
 
@@ -198,3 +198,9 @@ def test_fixture_golds_reject_a_neighbours_answer():
         for a, b in zip(probs, probs[1:] + probs[:1]):
             if a.gold != b.gold:
                 assert not grade(a, f"\\boxed{{{b.gold}}}").correct, (a.id, a.gold, b.gold)
+
+
+def test_multiple_choice_gold_given_as_option_text():
+    p = Problem("m/2", "m", "Which star?", "white dwarf", choices=MC.choices)
+    assert grade(p, "Answer: B").correct
+    assert not grade(p, "Answer: A").correct

