@@ -42,7 +42,7 @@ import torch
 __all__ = ["entropy_torch", "topk_from_sorted", "full_entropy_stats", "CHUNK"]
 
 #: Chunk length of the top-k candidate pruning (logits per chunk).
-CHUNK = 128
+CHUNK = 64
 _compiled = None
 _compile_failed = False
 
@@ -115,10 +115,8 @@ def _topk_values(x: torch.Tensor, chunk_max: torch.Tensor, kmax: int, chunk: int
         return torch.topk(x.float(), kmax, dim=-1).values
     ci = torch.topk(chunk_max, kmax, dim=-1, sorted=False).indices
     idx = (ci[:, :, None] * chunk + torch.arange(chunk, device=x.device)[None, None, :]).reshape(b, -1)
-    inside = idx < v
-    cand = torch.gather(x, 1, idx.clamp_max(v - 1)).float()
-    cand = torch.where(inside, cand, torch.full_like(cand, float("-inf")))
-    return torch.topk(cand, kmax, dim=-1).values
+    cand = torch.gather(x, 1, idx.clamp_max(v - 1)).float().masked_fill_(idx >= v, float("-inf"))
+    return torch.topk(cand, kmax, dim=-1, sorted=False).values.sort(-1, descending=True).values
 
 
 def topk_from_sorted(vals: torch.Tensor, lse: torch.Tensor, ks: Sequence[int]):
