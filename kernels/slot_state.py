@@ -21,14 +21,17 @@ Memory is ``num_slots * max_steps * n_series * 4`` bytes
 
 ``record`` is a few tensor ops (gather, where, scatter) with no host
 synchronisation: the write position of each row is read on the device. Slots
-in one ``record`` call must be distinct. Two modes:
+in one ``record`` call should be distinct: a slot named twice (e.g. a scratch
+slot that soaks up untracked rows) ends with unspecified contents, the other
+slots are unaffected. Two modes:
 
 * append (``positions=None``): a valid step is written at ``count`` and
   ``count += 1``; an invalid row (NaN, ``+inf``, all ``-inf``) increments
   ``nan_count`` and writes nothing.
 * positioned (``positions`` given): the step is written at that position
   (valid or NaN) and ``count = position + 1``, so a recomputed step overwrites
-  instead of double-counting. An invalid row leaves NaN at its position; at
+  instead of double-counting (a negative position is ignored). An invalid
+  row leaves NaN at its position; at
   ``gather`` NaN positions (and positions never written since the last reset)
   are left out of the trajectory and counted in ``nan_steps``: once per
   position, and a later valid write at that position removes it again.
@@ -200,7 +203,8 @@ class SlotState:
         ----------
         logits : torch.Tensor of shape (batch, vocab), float32/bfloat16/float16
         rows, slots : torch.Tensor of int64, shape (n,)
-            On the logits' device; ``slots`` distinct, in ``0..num_slots-1``.
+            On the logits' device; ``slots`` in ``0..num_slots-1``, distinct
+            (a repeated slot gets unspecified contents; see the module docstring).
         positions : torch.Tensor of int64, shape (n,), optional
             Write position per row (positioned mode, see the module docstring).
 
@@ -224,9 +228,10 @@ class SlotState:
             self.nan_count.index_add_(0, slots, (~valid).long())
         else:
             pos = positions.reshape(-1).to(self.buf.device, torch.long)
-            write = pos < self.max_steps
+            write = (pos >= 0) & (pos < self.max_steps)
             vals = torch.where(valid[:, None], vals, torch.full_like(vals, float("nan")))
-            self.count.index_copy_(0, slots, pos + 1)
+            new_count = torch.where(pos >= 0, pos + 1, self.count.index_select(0, slots))
+            self.count.index_copy_(0, slots, new_count)
         pos_c = pos.clamp(0, self.max_steps - 1)
         n_ser = len(self.series)
         ser = torch.arange(n_ser, device=self.buf.device)

@@ -300,6 +300,19 @@ def test_positions_overwrite_and_nan_per_position():
     np.testing.assert_allclose(res.trajectories["full"][0], np.log([2, 4]), atol=1e-6)
 
 
+def test_repeated_scratch_slot_and_negative_position_leave_others_intact():
+    st = SlotState(3, 4, series=("full",))
+    x = torch.zeros(4, 8)  # entropy ln 8
+    x[1, 1:] = NEG  # entropy 0
+    scratch = 2
+    st.record(x, torch.arange(4), torch.tensor([0, 1, scratch, scratch]), positions=torch.tensor([0, 0, 0, 0]))
+    st.record(x, torch.tensor([0, 1]), torch.tensor([0, 1]), positions=torch.tensor([1, -1]))
+    res = st.gather([0, 1], trajectories=True)
+    assert res.n_steps.tolist() == [2, 1] and res.nan_steps.tolist() == [0, 0]
+    np.testing.assert_allclose(res.trajectories["full"][0], [math.log(8)] * 2, atol=1e-6)
+    np.testing.assert_allclose(res.trajectories["full"][1], [0.0], atol=1e-6)
+
+
 def test_append_nan_row_counts_and_appends_nothing():
     st = SlotState(1, 5, series=("full", "top1"))
     x = torch.randn(2, 30)
