@@ -241,3 +241,42 @@ def _middleware(client):
     while not isinstance(node, SentinelMiddleware):
         node = node.app
     return node
+
+
+def test_trajectory_and_injected_fault(tiny):
+    engine, reg = FakeEngine(), prometheus_client.CollectorRegistry()
+
+    async def rpc(method, args=()):
+        if method == "sentinel_trajectories":
+            engine.calls.append((method, args))
+            return [{sid: [{"child": s["child"], "n_steps": s["n_steps"],
+                            "series": {"full": traj(s["child"], s["n_steps"])}}
+                           for s in engine.parked[sid]] for sid in args[0] if sid in engine.parked}]
+        return await FakeEngine.collective_rpc(engine, method, args)
+
+    engine.collective_rpc = rpc
+    app = make_app(engine, tiny[0], reg)
+    mw_cfg = _find_cfg(app)
+    mw_cfg.return_trajectory = mw_cfg.fault_injection = True
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+    r = run(client.post("/v1/chat/completions", json={"messages": [], "max_tokens": 4, "n": 2}))
+    for c in (0, 1):
+        assert r.json()["choices"][c]["sentinel"]["trajectory"] == traj(c, 4)
+    r = run(client.post("/v1/chat/completions",
+                        json={"messages": [], "vllm_xargs": {"sentinel_fault": "scoring"}}))
+    assert "injected scoring fault" in r.json()["sentinel"]["error"]
+    assert "sentinel_fault" not in engine.seen_xargs[-1]
+
+
+def test_fault_key_ignored_without_fault_injection(env):
+    engine, reg, client, parts = env
+    r = run(client.post("/v1/chat/completions",
+                        json={"messages": [], "vllm_xargs": {"sentinel_fault": "scoring"}}))
+    assert "p_correct" in r.json()["sentinel"] and "sentinel_fault" not in engine.seen_xargs[-1]
+
+
+def _find_cfg(app):
+    for m in app.user_middleware:
+        if m.cls is SentinelMiddleware:
+            return m.kwargs["config"]
+    raise AssertionError("middleware not installed")

@@ -55,6 +55,9 @@ def _add_sentinel_options(p: argparse.ArgumentParser) -> None:
                    help="age limit of the window in seconds, 0 = none (default 3600)")
     g.add_argument("--sentinel-min-samples", type=int, default=20, metavar="N",
                    help="no drift alert below this many responses in the window (default 20)")
+    g.add_argument("--sentinel-return-trajectory", action="store_true",
+                   help="add the per-step entropies (nats) to each block (debugging)")
+    g.add_argument("--sentinel-fault-injection", action="store_true", help=argparse.SUPPRESS)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -103,8 +106,41 @@ def build_config(ns):
         drift_margin=ns.sentinel_drift_margin,
         baseline=os.path.abspath(ns.sentinel_baseline) if ns.sentinel_baseline else None,
         replica=ns.sentinel_replica, window_count=ns.sentinel_window,
-        window_seconds=ns.sentinel_window_seconds or None, min_samples=ns.sentinel_min_samples)
+        window_seconds=ns.sentinel_window_seconds or None, min_samples=ns.sentinel_min_samples,
+        return_trajectory=ns.sentinel_return_trajectory,
+        fault_injection=ns.sentinel_fault_injection)
     return cfg, scorer
+
+
+def worker_series(scorer, env: str | None) -> str:
+    """``SENTINEL_SERIES`` for the worker: the series the sentinel scores must be recorded.
+
+    Parameters
+    ----------
+    scorer : SentinelScorer
+    env : str or None
+        The user's ``$SENTINEL_SERIES`` (comma list), if set.
+
+    Returns
+    -------
+    str
+        Comma list: the user's, or ``full,top20`` plus the sentinel's series.
+
+    Raises
+    ------
+    ValueError
+        The user's list lacks the sentinel's series.
+    """
+    if env:
+        have = [s.strip() for s in env.split(",") if s.strip()]
+        if scorer.series not in have:
+            raise ValueError(f"SENTINEL_SERIES={env!r} does not record {scorer.series!r}, the "
+                             f"series sentinel {scorer.id} scores")
+        return ",".join(have)
+    series = ["full", "top20"]
+    if scorer.series not in series:
+        series.append(scorer.series)
+    return ",".join(series)
 
 
 def vllm_argv(model: str, rest: list[str]) -> list[str]:
@@ -155,12 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, scorer = build_config(ns)
         args = vllm_argv(ns.model, rest)
+        series = worker_series(scorer, os.environ.get("SENTINEL_SERIES"))
     except ValueError as exc:
         print(f"sentinel-vllm serve: error: {exc}", file=sys.stderr)
         return 2
     from sentinel_vllm.serving.server import CONFIG_ENV
 
     os.environ[CONFIG_ENV] = cfg.to_env()
+    os.environ["SENTINEL_SERIES"] = series  # read by the worker's tracker (serving/tracker.py)
     print(f"sentinel-vllm serve: sentinel {scorer.id} ({scorer.entropy}"
           f"{'' if scorer.k is None else f', k={scorer.k}'}, series {scorer.series!r})",
           file=sys.stderr, flush=True)

@@ -31,8 +31,6 @@ import asyncio
 import json
 import logging
 import os
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from sentinel_vllm.serving.response import (
@@ -43,9 +41,11 @@ from sentinel_vllm.serving.response import (
     new_sentinel_id,
     prepare_request,
 )
+from sentinel_vllm.serving.fetch import BatchFetcher
+from sentinel_vllm.serving.worker import first_answer
 from sentinel_vllm.serving.scoring import SentinelScorer, error_block
 
-__all__ = ["ServerConfig", "SentinelMiddleware", "BatchFetcher", "first_result", "CONFIG_ENV"]
+__all__ = ["ServerConfig", "SentinelMiddleware", "CONFIG_ENV"]
 
 log = logging.getLogger("sentinel_vllm.serving")
 CONFIG_ENV = "SENTINEL_VLLM_CONFIG"  # JSON of ServerConfig, set by `sentinel-vllm serve`
@@ -76,6 +76,14 @@ class ServerConfig:
         How long finished requests are collected before one fetch RPC (seconds).
     fetch_timeout_s : float
         How long a finished request's statistics are waited for (seconds).
+    return_trajectory : bool
+        Add ``"trajectory"`` (the per-step entropies of the sentinel's series,
+        nats) to each block: one more RPC (``sentinel_trajectories``) per batch.
+        For debugging and the end-to-end test.
+    fault_injection : bool
+        Tests only: a request with ``vllm_xargs.sentinel_fault = "scoring"`` makes
+        the ONNX call of its batch raise (the error path of a real failure).
+        When False that key is stripped like any other client sentinel key.
     """
 
     sentinel: str = ""
@@ -89,6 +97,8 @@ class ServerConfig:
     min_samples: int = 20
     batch_delay_s: float = 0.005
     fetch_timeout_s: float = 10.0
+    return_trajectory: bool = False
+    fault_injection: bool = False
     extra: dict = field(default_factory=dict)
 
     def to_env(self) -> str:
@@ -116,123 +126,6 @@ class ServerConfig:
             f"SentinelMiddleware needs the sentinel file: set {SENTINEL_ENV}=path.onnx "
             "(or launch with `sentinel-vllm serve MODEL --sentinel path.onnx`)"
         )
-
-
-def first_result(results):
-    """Rank 0's answer of a ``collective_rpc``: the first non-empty one (TP: one rank works)."""
-    if not isinstance(results, (list, tuple)):
-        return results
-    for r in results:
-        if r:
-            return r
-    return results[0] if results else None
-
-
-class BatchFetcher:
-    """Collect finished requests for a few ms, fetch their statistics in one RPC, score them.
-
-    Parameters
-    ----------
-    rpc : async callable ``(method: str, args: tuple) -> list``
-        ``engine_client.collective_rpc`` (one result per worker).
-    scorer : SentinelScorer
-    metrics : SentinelMetrics or None
-    batch_delay_s, timeout_s : float
-        Collection delay and give-up time (seconds).
-    executor : concurrent.futures.Executor, optional
-        Where ONNX scoring runs (default: one dedicated thread).
-    """
-
-    def __init__(self, rpc, scorer: SentinelScorer, metrics=None, *, batch_delay_s=0.005,
-                 timeout_s=10.0, executor=None):
-        self.rpc, self.scorer, self.metrics = rpc, scorer, metrics
-        self.batch_delay_s, self.timeout_s = batch_delay_s, timeout_s
-        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="sentinel-score")
-        self._pending: dict[str, dict] = {}
-        self._task: asyncio.Task | None = None
-        self.rpc_calls = 0
-
-    async def blocks(self, sentinel_id: str, n: int, slice_label: str) -> dict[int, dict]:
-        """Blocks per choice index for a finished request (never raises)."""
-        fut = asyncio.get_running_loop().create_future()
-        self._pending[sentinel_id] = {"fut": fut, "n": n, "slice": slice_label, "got": {},
-                                      "deadline": time.monotonic() + self.timeout_s}
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run())
-        return await fut
-
-    async def discard(self, sentinel_ids: list[str]) -> None:
-        """Free worker state of aborted requests (errors are logged, not raised)."""
-        try:
-            await self.rpc("sentinel_discard", (list(sentinel_ids),))
-        except Exception as exc:  # noqa: BLE001
-            log.warning("sentinel_discard failed: %s", exc)
-
-    async def _run(self) -> None:
-        while self._pending:
-            await asyncio.sleep(self.batch_delay_s)
-            ids = list(self._pending)
-            try:
-                self.rpc_calls += 1
-                res = first_result(await self.rpc("sentinel_fetch", (ids,))) or {}
-            except Exception as exc:  # noqa: BLE001
-                self._fail(ids, f"sentinel fetch failed: {type(exc).__name__}: {exc}", "rpc")
-                continue
-            now, ready = time.monotonic(), []
-            for sid in ids:
-                entry = self._pending[sid]
-                for sample in res.get(sid) or ():
-                    entry["got"][int(sample.get("child", 0))] = sample
-                if len(entry["got"]) >= entry["n"] or now > entry["deadline"]:
-                    ready.append(sid)
-            if ready:
-                await self._score(ready)
-            if self._pending and not ready:
-                await asyncio.sleep(0.02)  # results not there yet: poll gently
-
-    async def _score(self, ids: list[str]) -> None:
-        entries = [self._pending.pop(sid) for sid in ids]
-        samples, slices, owner = [], [], []
-        for sid, e in zip(ids, entries):
-            for child in range(e["n"]):
-                samples.append(e["got"].get(child))
-                slices.append(e["slice"])
-                owner.append((sid, child))
-        loop = asyncio.get_running_loop()
-        try:
-            scored = await loop.run_in_executor(self.executor, self.scorer.score, samples, slices)
-        except Exception as exc:  # noqa: BLE001 (score() should not raise; belt and braces)
-            for sid, e in zip(ids, entries):
-                self._resolve(e, {c: error_block(str(exc), "internal", e["slice"]) for c in range(e["n"])})
-            return
-        out: dict[str, dict[int, dict]] = {sid: {} for sid in ids}
-        timed_out = []
-        for (sid, child), s in zip(owner, scored):
-            out[sid][child] = s.block
-            if self.metrics is not None:
-                if s.reason is None:
-                    self.metrics.observe(s.block["slice"], s.p_correct, s.mean_entropy)
-                else:
-                    self.metrics.error(s.reason)
-            if s.reason == "fetch_timeout":
-                timed_out.append(sid)
-        for sid, e in zip(ids, entries):
-            self._resolve(e, out[sid])
-        if timed_out:
-            await self.discard(sorted(set(timed_out)))
-
-    def _fail(self, ids, message, reason) -> None:
-        for sid in ids:
-            e = self._pending.pop(sid)
-            if self.metrics is not None:
-                for _ in range(e["n"]):
-                    self.metrics.error(reason)
-            self._resolve(e, {c: error_block(message, reason, e["slice"]) for c in range(e["n"])})
-
-    @staticmethod
-    def _resolve(entry, blocks) -> None:
-        if not entry["fut"].done():
-            entry["fut"].set_result(blocks)
 
 
 class _State:
@@ -265,7 +158,8 @@ class _State:
 
         self.rpc = rpc
         self.fetcher = BatchFetcher(rpc, mw.scorer, self.metrics, batch_delay_s=cfg.batch_delay_s,
-                                    timeout_s=cfg.fetch_timeout_s)
+                                    timeout_s=cfg.fetch_timeout_s,
+                                    return_trajectory=cfg.return_trajectory)
 
 
 def _served_name(mc) -> str:
@@ -326,7 +220,7 @@ class SentinelMiddleware:
 
     async def _stats(self, scope, send) -> None:
         try:
-            stats = first_result(await self.state(scope).rpc("sentinel_stats", ())) or {}
+            stats = first_answer(await self.state(scope).rpc("sentinel_stats", ())) or {}
             status, body = 200, {"sentinel": self.scorer.id, "worker": stats}
         except Exception as exc:  # noqa: BLE001
             status, body = 503, {"error": f"{type(exc).__name__}: {exc}"}
@@ -351,6 +245,10 @@ class SentinelMiddleware:
                 raise ValueError
         except ValueError:
             return await self.app(scope, _replay(raw, receive), send)  # vLLM reports it
+        xa = obj.get("vllm_xargs") if isinstance(obj.get("vllm_xargs"), dict) else {}
+        fault = self.config.fault_injection and xa.get("sentinel_fault") == "scoring"
+        if "sentinel_fault" in xa:
+            obj = dict(obj, vllm_xargs={k: v for k, v in xa.items() if k != "sentinel_fault"})
         body, opts = prepare_request(obj, new_sentinel_id())
         multi_prompt = scope["path"] == "/v1/completions" and _n_prompts(obj.get("prompt")) > 1
         if multi_prompt and opts.enabled:  # one id cannot follow several prompts
@@ -374,7 +272,7 @@ class SentinelMiddleware:
                 blocks_fn = _const_error(f"sentinel unavailable: {exc}")
             else:
                 async def blocks_fn(n):
-                    return await st.fetcher.blocks(opts.sentinel_id, n, label)
+                    return await st.fetcher.blocks(opts.sentinel_id, n, label, fault=fault)
         rw = _ResponseRewriter(send, blocks_fn, opts.n)
         try:
             await self.app(scope, _replay(new_raw, receive), rw.send)

@@ -1,0 +1,162 @@
+"""Batched result channel of the API server: fetch finished requests' statistics, score them.
+
+Finished requests are collected for a few milliseconds; then ONE
+``collective_rpc("sentinel_fetch")`` fetches all of them from the worker
+(:mod:`sentinel_vllm.serving.worker`; with tensor parallelism rank 0 answers, the
+other ranks return empty), the ONNX sentinel scores the batch in a thread (never
+on the event loop), the metrics are updated, and each waiting response gets its
+blocks. Requests whose statistics do not arrive in time get an error block and
+their worker state is discarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from sentinel_vllm.serving.scoring import SentinelScorer, error_block
+from sentinel_vllm.serving.worker import first_answer
+
+__all__ = ["BatchFetcher"]
+
+log = logging.getLogger("sentinel_vllm.serving")
+
+
+class BatchFetcher:
+    """Collect finished requests for a few ms, fetch their statistics in one RPC, score them.
+
+    Parameters
+    ----------
+    rpc : async callable ``(method: str, args: tuple) -> list``
+        ``engine_client.collective_rpc`` (one result per worker).
+    scorer : SentinelScorer
+    metrics : SentinelMetrics or None
+    batch_delay_s, timeout_s : float
+        Collection delay and give-up time (seconds).
+    executor : concurrent.futures.Executor, optional
+        Where ONNX scoring runs (default: one dedicated thread).
+    return_trajectory : bool
+        Also fetch per-step series (``sentinel_trajectories``) into the blocks.
+    """
+
+    def __init__(self, rpc, scorer: SentinelScorer, metrics=None, *, batch_delay_s=0.005,
+                 timeout_s=10.0, executor=None, return_trajectory=False):
+        self.rpc, self.scorer, self.metrics = rpc, scorer, metrics
+        self.return_trajectory = return_trajectory
+        self.batch_delay_s, self.timeout_s = batch_delay_s, timeout_s
+        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="sentinel-score")
+        self._pending: dict[str, dict] = {}
+        self._task: asyncio.Task | None = None
+        self.rpc_calls = 0
+
+    async def blocks(self, sentinel_id: str, n: int, slice_label: str, *,
+                     fault: bool = False) -> dict[int, dict]:
+        """Blocks per choice index for a finished request (never raises).
+
+        ``fault=True`` (tests) makes the ONNX call of this request's batch raise.
+        """
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[sentinel_id] = {"fut": fut, "n": n, "slice": slice_label, "got": {},
+                                      "traj": {}, "fault": fault,
+                                      "deadline": time.monotonic() + self.timeout_s}
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+        return await fut
+
+    async def discard(self, sentinel_ids: list[str]) -> None:
+        """Free worker state of aborted requests (errors are logged, not raised)."""
+        try:
+            await self.rpc("sentinel_discard", (list(sentinel_ids),))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("sentinel_discard failed: %s", exc)
+
+    async def _run(self) -> None:
+        while self._pending:
+            await asyncio.sleep(self.batch_delay_s)
+            ids = list(self._pending)
+            try:
+                if self.return_trajectory:  # before fetch: fetch releases the state
+                    self.rpc_calls += 1
+                    tr = first_answer(await self.rpc("sentinel_trajectories", (ids,))) or {}
+                    for sid in ids:
+                        for t in tr.get(sid) or ():
+                            series = (t.get("series") or {}).get(self.scorer.series)
+                            self._pending[sid]["traj"][int(t.get("child", 0))] = series
+                self.rpc_calls += 1
+                res = first_answer(await self.rpc("sentinel_fetch", (ids,))) or {}
+            except Exception as exc:  # noqa: BLE001
+                self._fail(ids, f"sentinel fetch failed: {type(exc).__name__}: {exc}", "rpc")
+                continue
+            now, ready = time.monotonic(), []
+            for sid in ids:
+                entry = self._pending[sid]
+                for sample in res.get(sid) or ():
+                    entry["got"][int(sample.get("child", 0))] = sample
+                if len(entry["got"]) >= entry["n"] or now > entry["deadline"]:
+                    ready.append(sid)
+            if ready:
+                await self._score(ready)
+            if self._pending and not ready:
+                await asyncio.sleep(0.02)  # results not there yet: poll gently
+
+    async def _score(self, ids: list[str]) -> None:
+        entries = [self._pending.pop(sid) for sid in ids]
+        samples, slices, owner = [], [], []
+        for sid, e in zip(ids, entries):
+            for child in range(e["n"]):
+                samples.append(e["got"].get(child))
+                slices.append(e["slice"])
+                owner.append((sid, child))
+        loop = asyncio.get_running_loop()
+        scorer = self.scorer
+        if any(e["fault"] for e in entries):
+            scorer = SentinelScorer(_FaultySentinel(scorer.sentinel), vocab_size=scorer.vocab_size)
+        try:
+            scored = await loop.run_in_executor(self.executor, scorer.score, samples, slices)
+        except Exception as exc:  # noqa: BLE001 (score() should not raise; belt and braces)
+            for sid, e in zip(ids, entries):
+                self._resolve(e, {c: error_block(str(exc), "internal", e["slice"]) for c in range(e["n"])})
+            return
+        out: dict[str, dict[int, dict]] = {sid: {} for sid in ids}
+        timed_out = []
+        traj = {sid: e["traj"] for sid, e in zip(ids, entries)}
+        for (sid, child), s in zip(owner, scored):
+            out[sid][child] = s.block
+            if s.reason is None and traj[sid].get(child) is not None:
+                s.block["trajectory"] = traj[sid][child]
+            if self.metrics is not None:
+                if s.reason is None:
+                    self.metrics.observe(s.block["slice"], s.p_correct, s.mean_entropy)
+                else:
+                    self.metrics.error(s.reason)
+            if s.reason == "fetch_timeout":
+                timed_out.append(sid)
+        for sid, e in zip(ids, entries):
+            self._resolve(e, out[sid])
+        if timed_out:
+            await self.discard(sorted(set(timed_out)))
+
+    def _fail(self, ids, message, reason) -> None:
+        for sid in ids:
+            e = self._pending.pop(sid)
+            if self.metrics is not None:
+                for _ in range(e["n"]):
+                    self.metrics.error(reason)
+            self._resolve(e, {c: error_block(message, reason, e["slice"]) for c in range(e["n"])})
+
+    @staticmethod
+    def _resolve(entry, blocks) -> None:
+        if not entry["fut"].done():
+            entry["fut"].set_result(blocks)
+
+
+class _FaultySentinel:
+    """A sentinel whose ONNX call raises (fault injection for tests)."""
+
+    def __init__(self, sentinel):
+        self.id, self.metadata = sentinel.id, sentinel.metadata
+
+    def p_correct(self, X):
+        raise RuntimeError("injected scoring fault (ServerConfig.fault_injection)")

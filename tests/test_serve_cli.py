@@ -1,0 +1,100 @@
+"""``sentinel-vllm serve``: refuses bad sentinel files before vLLM starts; argument plumbing."""
+
+import json
+
+import pytest
+
+from sentinel_vllm.cli import main
+from sentinel_vllm.cli import serve
+from serving_helpers import make_tiny_sentinel
+
+
+@pytest.fixture
+def no_vllm(monkeypatch):
+    """Fail the test if serve would start vLLM."""
+    def boom(args):
+        raise AssertionError(f"vLLM must not start: {args}")
+
+    monkeypatch.setattr(serve, "run_vllm_serve", boom)
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "no such sentinel file"),
+    (b"definitely not onnx", "not an ONNX file"),
+    (b"\x80\x04\x95pickle", "never loads pickles"),
+    (b"", "empty file"),
+])
+def test_bad_sentinel_refuses_to_start(tmp_path, capsys, no_vllm, content, message):
+    path = tmp_path / "s.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    rc = main(["serve", "some/model", "--sentinel", str(path), "--max-model-len", "1024"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("sentinel-vllm serve: error: ") and message in err and str(path) in err
+
+
+def test_default_sentinel_is_clear_when_missing(capsys, no_vllm):
+    from sentinel_vllm.serving.scoring import DEFAULT_SENTINEL
+
+    if DEFAULT_SENTINEL.is_file():
+        pytest.skip("a default sentinel is bundled")
+    assert main(["serve", "m", "--sentinel", "default"]) == 2
+    assert "no default sentinel is bundled" in capsys.readouterr().err
+
+
+def test_bad_baseline_and_options(tmp_path, capsys, no_vllm):
+    s = tmp_path / "s.onnx"
+    make_tiny_sentinel(s)
+    (tmp_path / "b.json").write_text(json.dumps({"a": 2.0}))
+    assert main(["serve", "m", "--sentinel", str(s), "--sentinel-baseline", str(tmp_path / "b.json")]) == 2
+    assert "baseline for slice 'a'" in capsys.readouterr().err
+    assert main(["serve", "m", "--sentinel", str(s), "--sentinel-drift-margin", "3"]) == 2
+    assert main(["serve", "m", "--sentinel", str(s), "--worker-extension-cls", "x.Y"]) == 2
+    assert "--worker-extension-cls" in capsys.readouterr().err
+
+
+def test_passes_vllm_args_through_and_adds_ours(tmp_path, monkeypatch):
+    s = tmp_path / "s.onnx"
+    sid = make_tiny_sentinel(s, entropy="topk", k=5)[0]
+    seen = {}
+    from sentinel_vllm.serving.server import CONFIG_ENV, ServerConfig
+
+    # serve writes these into os.environ; setenv first so monkeypatch restores them
+    monkeypatch.setenv("SENTINEL_SERIES", "")
+    monkeypatch.setenv(CONFIG_ENV, "")
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    monkeypatch.setattr(serve, "run_vllm_serve", lambda args: seen.setdefault("args", args) and 0)
+    rc = main(["serve", "my/model", "--max-model-len", "1024", "--sentinel", str(s),
+               "--sentinel-slices", "gsm8k, math", "--port", "8123", "--gpu-memory-utilization",
+               "0.25", "--sentinel-replica", "r7"])
+    assert rc == 0
+    assert seen["args"] == [
+        "my/model", "--max-model-len", "1024", "--port", "8123", "--gpu-memory-utilization", "0.25",
+        "--logits-processors", "sentinel_vllm.serving.processor:SentinelLogitsProcessor",
+        "--worker-extension-cls", "sentinel_vllm.serving.worker.SentinelWorkerExtension",
+        "--middleware", "sentinel_vllm.serving.server.SentinelMiddleware"]
+    import os
+
+    cfg = ServerConfig.from_env()
+    assert cfg.sentinel == str(s.resolve()) and cfg.slices == ["gsm8k", "math"]
+    assert cfg.replica == "r7" and not cfg.fault_injection
+    assert os.environ["SENTINEL_SERIES"] == "full,top20,top5"  # the worker records the sentinel's series
+
+
+def test_user_logits_processors_are_kept():
+    args = serve.vllm_argv("m", ["--logits-processors", "a:B", "--port", "1"])
+    assert args[:4] == ["m", "--logits-processors",
+                        "sentinel_vllm.serving.processor:SentinelLogitsProcessor", "a:B"]
+    assert args.count("--logits-processors") == 1
+
+
+def test_worker_series_mismatch_is_an_error(tmp_path):
+    from sentinel_vllm.serving.scoring import SentinelScorer
+
+    s = tmp_path / "s.onnx"
+    make_tiny_sentinel(s, entropy="topk", k=5)
+    sc = SentinelScorer.from_path(s)
+    assert serve.worker_series(sc, "full,top5") == "full,top5"
+    with pytest.raises(ValueError, match="does not record 'top5'"):
+        serve.worker_series(sc, "full,top20")
