@@ -47,5 +47,7 @@ def test_child_patch_gives_each_child_its_index(seed):
     assert [request_key(k[1]) for k in kids] == [("abc", 0), ("abc", 1), ("abc", 2)]
     assert all(k[1].n == 1 for k in kids)
     assert sp.extra_args == {"sentinel_id": "abc"}  # the parent's dict is not mutated
-    plain = ParentRequest(SimpleNamespace(request_id="r2", external_req_id="e2", params=SamplingParams(n=2)))
+    plain = ParentRequest(
+        SimpleNamespace(request_id="r2", external_req_id="e2", params=SamplingParams(n=2))
+    )
     assert plain.get_child_info(1)[1].extra_args is None

@@ -21,13 +21,13 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-from vllm import SamplingParams  # noqa: E402
+from vllm import SamplingParams
 
-from sentinel_vllm.entropy import full_entropy, topk_entropy  # noqa: E402
-from sentinel_vllm.features import compute_features  # noqa: E402
-from sentinel_vllm.serving import tracker as tracker_mod  # noqa: E402
-from sentinel_vllm.serving.processor_mrv2 import SentinelLogitsProcessorMRV2  # noqa: E402
-from sentinel_vllm.serving.worker import SentinelWorkerExtension  # noqa: E402
+from sentinel_vllm.entropy import full_entropy, topk_entropy
+from sentinel_vllm.features import compute_features
+from sentinel_vllm.serving import tracker as tracker_mod
+from sentinel_vllm.serving.processor_mrv2 import SentinelLogitsProcessorMRV2
+from sentinel_vllm.serving.worker import SentinelWorkerExtension
 
 VOCAB, K, MAX_REQS = 40, 4, 6
 
@@ -49,11 +49,21 @@ def make(num_slots=None):
     cfg = SimpleNamespace(
         scheduler_config=SimpleNamespace(max_num_seqs=MAX_REQS),
         model_config=SimpleNamespace(max_model_len=128),
-        additional_config={"sentinel": {"series": ["full", f"top{K}"], "backend": "torch",
-                                        **({"num_slots": num_slots} if num_slots else {})}},
+        additional_config={
+            "sentinel": {
+                "series": ["full", f"top{K}"],
+                "backend": "torch",
+                **({"num_slots": num_slots} if num_slots else {}),
+            }
+        },
     )
-    rs = SimpleNamespace(device=torch.device("cpu"), max_num_reqs=MAX_REQS, vocab_size=VOCAB,
-                         prompt_len=Uva(MAX_REQS), prefill_len=Uva(MAX_REQS))
+    rs = SimpleNamespace(
+        device=torch.device("cpu"),
+        max_num_reqs=MAX_REQS,
+        vocab_size=VOCAB,
+        prompt_len=Uva(MAX_REQS),
+        prefill_len=Uva(MAX_REQS),
+    )
     return SentinelLogitsProcessorMRV2(cfg, rs), rs
 
 
@@ -79,8 +89,12 @@ def write(truth, key, pos, value):
 
 def check(res, full, topk):
     assert res["n_steps"] == len(full)
-    np.testing.assert_allclose(res["features"]["full"], compute_features(full), rtol=1e-4, atol=2e-4)
-    np.testing.assert_allclose(res["features"][f"top{K}"], compute_features(topk), rtol=1e-4, atol=2e-4)
+    np.testing.assert_allclose(
+        res["features"]["full"], compute_features(full), rtol=1e-4, atol=2e-4
+    )
+    np.testing.assert_allclose(
+        res["features"][f"top{K}"], compute_features(topk), rtol=1e-4, atol=2e-4
+    )
 
 
 @pytest.mark.parametrize("seed,path", [(0, "host"), (1, "host"), (2, "device")])
@@ -89,7 +103,9 @@ def test_mrv2_random_churn(seed, path, monkeypatch):
     gen = torch.Generator().manual_seed(seed)
     proc, rs = make()
     if path == "device":  # the speculative-decoding path, exercised with one row per request
-        monkeypatch.setattr(proc, "_record_host", lambda logits, ctx, idx: proc._record_device(logits, ctx))
+        monkeypatch.setattr(
+            proc, "_record_host", lambda logits, ctx, idx: proc._record_device(logits, ctx)
+        )
     ext = SentinelWorkerExtension()
     free = list(range(MAX_REQS))
     running: list[Req] = []
@@ -131,7 +147,13 @@ def test_mrv2_random_churn(seed, path, monkeypatch):
                     xa = {"sentinel_id": f"s{n_ids}", "sentinel_child": c, "sentinel_n": 2}
                     admit(Req(f"s{n_ids}", SamplingParams(extra_args=xa), 5))
             else:
-                admit(Req(f"s{n_ids}", SamplingParams(extra_args={"sentinel_id": f"s{n_ids}"}), rng.randint(2, 8)))
+                admit(
+                    Req(
+                        f"s{n_ids}",
+                        SamplingParams(extra_args={"sentinel_id": f"s{n_ids}"}),
+                        rng.randint(2, 8),
+                    )
+                )
         if not running:
             continue
         rng.shuffle(running)  # MRV2 reorders rows every step
@@ -144,10 +166,13 @@ def test_mrv2_random_churn(seed, path, monkeypatch):
             else:
                 seq.append(r.prompt + len(r.out))
         seq = np.array(seq)
-        ctx = SimpleNamespace(idx_mapping_np=idx, seq_lens_upper_bound_np=seq.astype(np.int32),
-                              expanded_idx_mapping=torch.from_numpy(idx.astype(np.int32)),
-                              idx_mapping=torch.from_numpy(idx.astype(np.int32)),
-                              pos=torch.from_numpy(seq - 1))
+        ctx = SimpleNamespace(
+            idx_mapping_np=idx,
+            seq_lens_upper_bound_np=seq.astype(np.int32),
+            expanded_idx_mapping=torch.from_numpy(idx.astype(np.int32)),
+            idx_mapping=torch.from_numpy(idx.astype(np.int32)),
+            pos=torch.from_numpy(seq - 1),
+        )
         logits = torch.randn(len(running), VOCAB, generator=gen) * rng.choice([0.5, 3.0])
         before = logits.clone()
         assert proc.apply(logits, ctx) is logits and torch.equal(logits, before)
@@ -195,8 +220,12 @@ def test_recycled_slot_parks_and_preemption_resumes():
     rs.prompt_len.np[0], rs.prefill_len.np[0] = 4, 5
     assert proc.add_request(0, p) is True
     y, z = torch.randn(1, VOCAB), torch.randn(1, VOCAB)
-    proc.apply(y, SimpleNamespace(idx_mapping_np=np.array([0]), seq_lens_upper_bound_np=np.array([3])))
-    proc.apply(z, SimpleNamespace(idx_mapping_np=np.array([0]), seq_lens_upper_bound_np=np.array([5])))
+    proc.apply(
+        y, SimpleNamespace(idx_mapping_np=np.array([0]), seq_lens_upper_bound_np=np.array([3]))
+    )
+    proc.apply(
+        z, SimpleNamespace(idx_mapping_np=np.array([0]), seq_lens_upper_bound_np=np.array([5]))
+    )
     traj = ext.sentinel_trajectories(["a"])["a"][0]
     want = [full_entropy(x.numpy())[1], full_entropy(z.numpy())[0]]
     np.testing.assert_allclose(traj["series"]["full"], want, atol=1e-5)

@@ -15,7 +15,9 @@ import pytest
 
 from sentinel_vllm.features import compute_features
 
-MODEL = Path(os.environ.get("SENTINEL_SMOLLM2", "~/.cache/sentinel-vllm/models/smollm2-135m-instruct")).expanduser()
+MODEL = Path(
+    os.environ.get("SENTINEL_SMOLLM2", "~/.cache/sentinel-vllm/models/smollm2-135m-instruct")
+).expanduser()
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -60,8 +62,16 @@ def test_trajectories_match_vllm_logprobs(llm):
     params = []
     for i, _ in enumerate(prompts):
         xa = {"sentinel_id": f"id{i}", "sentinel_n": 2 if i == 0 else 1}
-        params.append(SamplingParams(n=2 if i == 0 else 1, temperature=0.8, max_tokens=12 + 3 * i,
-                                     logprobs=-1, seed=i, extra_args=xa))
+        params.append(
+            SamplingParams(
+                n=2 if i == 0 else 1,
+                temperature=0.8,
+                max_tokens=12 + 3 * i,
+                logprobs=-1,
+                seed=i,
+                extra_args=xa,
+            )
+        )
     params.append(SamplingParams(max_tokens=5))  # untracked
     outs = llm.generate(prompts + ["untracked"], params)
     ids = [f"id{i}" for i in range(len(prompts))]
@@ -76,7 +86,9 @@ def test_trajectories_match_vllm_logprobs(llm):
             assert mine["n_steps"] == len(comp.token_ids) == len(ref)
             np.testing.assert_allclose(mine["series"]["full"], ref, atol=1e-4, rtol=0)
             f = next(x for x in feats[f"id{i}"] if x["child"] == comp.index)
-            np.testing.assert_allclose(f["features"]["full"], compute_features(ref), atol=1e-4, rtol=1e-4)
+            np.testing.assert_allclose(
+                f["features"]["full"], compute_features(ref), atol=1e-4, rtol=1e-4
+            )
             assert f["n_steps"] == len(ref) and not f["truncated"] and f["nan_steps"] == 0
             n_checked += 1
     assert n_checked == len(prompts) + 1

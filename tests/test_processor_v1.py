@@ -19,15 +19,16 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-from vllm import SamplingParams  # noqa: E402
-from vllm.v1.sample.logits_processor import MoveDirectionality  # noqa: E402
-from vllm.v1.sample.logits_processor.state import BatchUpdateBuilder  # noqa: E402
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import MoveDirectionality
+from vllm.v1.sample.logits_processor.state import BatchUpdateBuilder
 
-from sentinel_vllm.entropy import full_entropy, topk_entropy  # noqa: E402
-from sentinel_vllm.features import compute_features  # noqa: E402
-from sentinel_vllm.serving import tracker as tracker_mod  # noqa: E402
-from sentinel_vllm.serving.processor_v1 import SentinelLogitsProcessor  # noqa: E402
-from sentinel_vllm.serving.worker import SentinelWorkerExtension  # noqa: E402
+from sentinel_vllm.entropy import full_entropy, topk_entropy
+from sentinel_vllm.features import compute_features
+from sentinel_vllm.serving import tracker as tracker_mod
+from sentinel_vllm.serving import tracker_setup
+from sentinel_vllm.serving.processor_v1 import SentinelLogitsProcessor
+from sentinel_vllm.serving.worker import SentinelWorkerExtension
 
 VOCAB = 50
 K = 5
@@ -44,7 +45,9 @@ def make_config(max_num_seqs=8, max_model_len=64, **sentinel):
     return SimpleNamespace(
         scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
         model_config=SimpleNamespace(max_model_len=max_model_len),
-        additional_config={"sentinel": {"series": ["full", f"top{K}"], "backend": "torch", **sentinel}},
+        additional_config={
+            "sentinel": {"series": ["full", f"top{K}"], "backend": "torch", **sentinel}
+        },
     )
 
 
@@ -127,8 +130,12 @@ def check(result, truth, key, atol=2e-4):
     full = np.asarray(truth[key][0])
     topk = np.asarray(truth[key][1])
     assert result["n_steps"] == len(full), (key, result["n_steps"], len(full))
-    np.testing.assert_allclose(result["features"]["full"], compute_features(full), rtol=1e-4, atol=atol)
-    np.testing.assert_allclose(result["features"][f"top{K}"], compute_features(topk), rtol=1e-4, atol=atol)
+    np.testing.assert_allclose(
+        result["features"]["full"], compute_features(full), rtol=1e-4, atol=atol
+    )
+    np.testing.assert_allclose(
+        result["features"][f"top{K}"], compute_features(topk), rtol=1e-4, atol=atol
+    )
 
 
 def run_churn(seed, n_steps=160, max_num_seqs=8, num_slots=None, check_all=True):
@@ -157,7 +164,13 @@ def run_churn(seed, n_steps=160, max_num_seqs=8, num_slots=None, check_all=True)
         sid = f"s{n_ids}"
         if kind < 0.45:  # n = 2, children indexed by the frontend patch
             return [
-                Req(f"{c}_{sid}", SamplingParams(extra_args={"sentinel_id": sid, "sentinel_child": c, "sentinel_n": 2}), 4)
+                Req(
+                    f"{c}_{sid}",
+                    SamplingParams(
+                        extra_args={"sentinel_id": sid, "sentinel_child": c, "sentinel_n": 2}
+                    ),
+                    4,
+                )
                 for c in range(2)
             ]
         return [Req(sid, SamplingParams(extra_args={"sentinel_id": sid}), rng.randint(1, 9))]
@@ -268,7 +281,7 @@ def test_random_churn_matches_truth(seed):
 def test_pool_exhaustion_never_crashes():
     # 3 slots for up to 8 concurrent requests: some requests go untracked (counted),
     # parked ones are evicted LRU; whatever is tracked is still exact.
-    proc, ext, fetched = run_churn(5, n_steps=80, num_slots=3, check_all=False)
+    proc, ext, _ = run_churn(5, n_steps=80, num_slots=3, check_all=False)
     stats = ext.sentinel_stats()
     assert stats["untracked_pool_full"] + stats["evicted_lru"] > 0
     assert stats["free_slots"] + stats["active"] + stats["parked"] + stats["released_active"] == 3
@@ -336,7 +349,9 @@ def test_fetch_while_active_releases_on_removal():
     a.out.append(3)
     got = ext.sentinel_fetch(["a", "nope"])
     assert list(got) == ["a"] and got["a"][0]["n_steps"] == 1
-    np.testing.assert_allclose(got["a"][0]["features"]["full"][0], full_entropy(x.numpy())[0], atol=1e-5)
+    np.testing.assert_allclose(
+        got["a"][0]["features"]["full"][0], full_entropy(x.numpy())[0], atol=1e-5
+    )
     assert ext.sentinel_stats()["released_active"] == 1
     batch.remove(a)
     batch.condense()
@@ -346,7 +361,7 @@ def test_fetch_while_active_releases_on_removal():
 
 
 def test_non_driver_rank_is_noop(monkeypatch):
-    monkeypatch.setattr(tracker_mod, "is_sentinel_rank", lambda: False)
+    monkeypatch.setattr(tracker_setup, "is_sentinel_rank", lambda: False)
     proc = SentinelLogitsProcessor(make_config(), torch.device("cpu"), False)
     assert proc.tracker is None
     batch = FakeInputBatch(8)

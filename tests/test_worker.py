@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from sentinel_vllm.serving import tracker as tracker_mod
+from sentinel_vllm.serving import tracker_setup
 from sentinel_vllm.serving.worker import SentinelWorkerExtension, first_answer
 
 
@@ -25,12 +26,16 @@ def fake_groups(monkeypatch, tp_rank, last_pp):
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("tp_rank,last_pp,want", [(0, True, True), (1, True, False), (0, False, False)])
+@pytest.mark.parametrize(
+    "tp_rank,last_pp,want", [(0, True, True), (1, True, False), (0, False, False)]
+)
 def test_only_tp0_of_last_stage_does_the_work(monkeypatch, tp_rank, last_pp, want):
     fake_groups(monkeypatch, tp_rank, last_pp)
-    assert tracker_mod.is_sentinel_rank() is want
-    cfg = SimpleNamespace(additional_config={"sentinel": {"backend": "torch", "num_slots": 4, "max_steps": 8}})
-    t = tracker_mod.make_tracker(cfg, "cpu")
+    assert tracker_setup.is_sentinel_rank() is want
+    cfg = SimpleNamespace(
+        additional_config={"sentinel": {"backend": "torch", "num_slots": 4, "max_steps": 8}}
+    )
+    t = tracker_setup.make_tracker(cfg, "cpu")
     assert (t is not None) is want
     stats = SentinelWorkerExtension().sentinel_stats()
     assert stats["rank_active"] is want and stats["num_slots"] == (4 if want else 0)
@@ -59,7 +64,7 @@ def test_tracker_config_precedence(monkeypatch):
         model_config=SimpleNamespace(max_model_len=2048),
         scheduler_config=SimpleNamespace(max_num_seqs=10),
     )
-    got = tracker_mod.tracker_config(cfg)
+    got = tracker_setup.tracker_config(cfg)
     assert got["series"] == ("full", "top5_renorm")  # env
     assert got["max_steps"] == 7  # additional_config wins over env
     assert got["num_slots"] == 20 and got["park_timeout_s"] == 600.0

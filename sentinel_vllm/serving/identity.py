@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["request_key", "install_child_index_patch", "SENTINEL_ID", "SENTINEL_CHILD"]
+__all__ = ["SENTINEL_CHILD", "SENTINEL_ID", "install_child_index_patch", "request_key"]
 
 SENTINEL_ID = "sentinel_id"
 SENTINEL_OPT = "sentinel"
@@ -118,7 +118,11 @@ def install_child_index_patch() -> bool:
         from copy import copy
 
         child = copy(params)
-        child.extra_args = {**xa, SENTINEL_CHILD: int(index), SENTINEL_N: int(self.sampling_params.n)}
+        child.extra_args = {
+            **xa,
+            SENTINEL_CHILD: int(index),
+            SENTINEL_N: int(self.sampling_params.n),
+        }
         return child
 
     _get_child_sampling_params.__wrapped__ = orig  # type: ignore[attr-defined]

@@ -14,7 +14,7 @@ lazily (importing this module does not import vLLM).
 
 from __future__ import annotations
 
-__all__ = ["SentinelLogitsProcessor", "SentinelLogitsProcessorMRV2", "processor_fqcn"]
+__all__ = ["SentinelLogitsProcessor", "SentinelLogitsProcessorMRV2", "processor_fqcn"]  # noqa: F822
 
 V1_FQCN = "sentinel_vllm.serving.processor:SentinelLogitsProcessor"
 MRV2_FQCN = "sentinel_vllm.serving.processor:SentinelLogitsProcessorMRV2"

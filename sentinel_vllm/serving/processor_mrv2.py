@@ -44,7 +44,8 @@ import torch
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
 
 from sentinel_vllm.serving import identity
-from sentinel_vllm.serving.tracker import Entry, make_tracker
+from sentinel_vllm.serving.tracker import Entry
+from sentinel_vllm.serving.tracker_setup import make_tracker
 
 __all__ = ["SentinelLogitsProcessorMRV2"]
 
@@ -85,7 +86,7 @@ class SentinelLogitsProcessorMRV2(LogitsProcessor):
             return False
         try:
             return self._add(int(req_idx), sampling_params)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (never take serving down)
             self._fail(e)
             return False
 
@@ -100,7 +101,9 @@ class SentinelLogitsProcessorMRV2(LogitsProcessor):
         key = identity.request_key(params)
         if key is None:
             return False
-        n_out = int(self.req_states.prefill_len.np[req_idx]) - int(self.req_states.prompt_len.np[req_idx])
+        n_out = int(self.req_states.prefill_len.np[req_idx]) - int(
+            self.req_states.prompt_len.np[req_idx]
+        )
         entry = self.tracker.acquire(key[0], key[1], params=params, resume_hint=n_out > 0)
         if entry is None:
             return False
@@ -133,7 +136,7 @@ class SentinelLogitsProcessorMRV2(LogitsProcessor):
                 self._record_host(logits, ctx, idx)
             else:
                 self._record_device(logits, ctx)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (never take serving down)
             self._fail(e)
         return logits
 
@@ -151,7 +154,10 @@ class SentinelLogitsProcessorMRV2(LogitsProcessor):
                 return
         pos = seq - self.req_states.prompt_len.np[reqs].astype(np.int64)
         self.tracker.state.record(
-            logits, self._to_device(rows), self._to_device(self._slot_np[reqs]), self._to_device(pos)
+            logits,
+            self._to_device(rows),
+            self._to_device(self._slot_np[reqs]),
+            self._to_device(pos),
         )
 
     def _record_device(self, logits, ctx) -> None:
@@ -166,7 +172,10 @@ class SentinelLogitsProcessorMRV2(LogitsProcessor):
         scratch = torch.full_like(slot, self.tracker.scratch_slot)
         rows = torch.arange(logits.shape[0], device=logits.device)
         self.tracker.state.record(
-            logits, rows, torch.where(valid, slot, scratch), torch.where(valid, pos, torch.zeros_like(pos))
+            logits,
+            rows,
+            torch.where(valid, slot, scratch),
+            torch.where(valid, pos, torch.zeros_like(pos)),
         )
 
     def _to_device(self, values) -> torch.Tensor:

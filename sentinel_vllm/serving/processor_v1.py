@@ -42,7 +42,8 @@ from vllm.v1.sample.logits_processor import (
 )
 
 from sentinel_vllm.serving import identity
-from sentinel_vllm.serving.tracker import Entry, make_tracker
+from sentinel_vllm.serving.tracker import Entry
+from sentinel_vllm.serving.tracker_setup import make_tracker
 
 __all__ = ["SentinelLogitsProcessor"]
 
@@ -57,7 +58,7 @@ class SentinelLogitsProcessor(LogitsProcessor):
     vllm_config : vllm.config.VllmConfig
         Read for ``max_num_seqs``, ``max_model_len`` and
         ``additional_config["sentinel"]`` (see
-        :func:`sentinel_vllm.serving.tracker.tracker_config`).
+        :func:`sentinel_vllm.serving.tracker_setup.tracker_config`).
     device : torch.device
     is_pin_memory : bool
 
@@ -94,7 +95,7 @@ class SentinelLogitsProcessor(LogitsProcessor):
             return
         try:
             self._update(batch_update)
-        except Exception as e:  # never take serving down
+        except Exception as e:  # noqa: BLE001 (never take serving down)  # never take serving down
             self._fail(e)
 
     def _update(self, bu: BatchUpdate) -> None:
@@ -172,7 +173,7 @@ class SentinelLogitsProcessor(LogitsProcessor):
         try:
             positions = self._to_device([len(o) for o in self._outs])
             self.tracker.state.record(logits, self._row_t, self._slot_t, positions)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (never take serving down)
             self._fail(e)
         return logits
 

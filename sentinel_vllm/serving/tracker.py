@@ -35,14 +35,15 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
 from sentinel_vllm.features import FEATURE_NAMES
 
-__all__ = ["SlotTracker", "register", "live_trackers", "DEFAULT_SERIES", "DEFAULT_PARK_TIMEOUT_S"]
+__all__ = ["DEFAULT_PARK_TIMEOUT_S", "DEFAULT_SERIES", "SlotTracker", "live_trackers", "register"]
 
 DEFAULT_SERIES: tuple[str, ...] = ("full", "top20")
 DEFAULT_PARK_TIMEOUT_S = 600.0
@@ -107,10 +108,11 @@ class SlotTracker:
         series = tuple(series)
         if num_slots < 1 or max_steps < 1 or not series:
             raise ValueError(
-                f"need num_slots >= 1, max_steps >= 1 and a series, got {num_slots}, {max_steps}, {series}"
+                "need num_slots >= 1, max_steps >= 1 and a series, "
+                f"got {num_slots}, {max_steps}, {series}"
             )
         if state_factory is None:
-            from sentinel_vllm.kernels import SlotState as state_factory  # noqa: N813
+            from sentinel_vllm.kernels import SlotState as state_factory
         self.series = series
         self.num_slots = int(num_slots)
         self.max_steps = int(max_steps)
@@ -133,7 +135,9 @@ class SlotTracker:
 
     # ------------------------------------------------------------------ slots
 
-    def acquire(self, sid: str, child: int | None, params: Any = None, resume_hint: bool | None = None):
+    def acquire(
+        self, sid: str, child: int | None, params: Any = None, resume_hint: bool | None = None
+    ):
         """Slot for a request entering the batch: new, or its existing one.
 
         Parameters
@@ -315,8 +319,13 @@ class SlotTracker:
             out: dict[str, list[dict]] = {}
             for i, e in enumerate(entries):
                 m = int(min(n[i], self.max_steps))
-                series = {s: [float(v) for v in np.asarray(res.trajectories[s][i])[:m]] for s in self.series}
-                out.setdefault(e.sid, []).append({"child": e.child, "n_steps": int(n[i]), "series": series})
+                series = {
+                    s: [float(v) for v in np.asarray(res.trajectories[s][i])[:m]]
+                    for s in self.series
+                }
+                out.setdefault(e.sid, []).append(
+                    {"child": e.child, "n_steps": int(n[i]), "series": series}
+                )
             return out
 
     def discard(self, sids: Iterable[str]) -> int:
@@ -331,7 +340,7 @@ class SlotTracker:
             return len(entries)
 
     def stats(self) -> dict:
-        """Counts: ``active``, ``parked``, ``released_active``, ``free_slots``, ``num_slots`` and counters."""
+        """Counts of active, released-while-active, parked and free slots, plus the counters."""
         with self._lock:
             active = sum(e.active for e in self._entries.values())
             released = sum(e.active and e.release for e in self._entries.values())
@@ -373,77 +382,3 @@ def live_trackers() -> list[SlotTracker]:
 def feature_names() -> tuple[str, ...]:
     """The order of the 11 values in ``fetch`` answers."""
     return FEATURE_NAMES
-
-
-# ------------------------------------------------------------ construction
-
-
-def is_sentinel_rank() -> bool:
-    """True in the one worker per engine that does the sentinel work.
-
-    That is tensor-parallel rank 0 of the last pipeline stage (the stage that
-    holds the logits). Without initialised vLLM process groups (tests, a
-    single process) this is True.
-    """
-    try:
-        from vllm.distributed import parallel_state as ps
-
-        if not ps.model_parallel_is_initialized():
-            return True
-        return ps.get_tp_group().rank_in_group == 0 and ps.get_pp_group().is_last_rank
-    except Exception:  # pragma: no cover - vLLM absent or groups half set up
-        return True
-
-
-def tracker_config(vllm_config: Any) -> dict:
-    """Tracker settings from ``--additional-config '{"sentinel": {...}}'`` or env vars.
-
-    Keys (env var in brackets): ``series`` (``SENTINEL_SERIES``, comma list,
-    default ``full,top20``), ``max_steps`` (``SENTINEL_MAX_STEPS``, default
-    ``min(max_model_len, 32768)``), ``num_slots`` (``SENTINEL_NUM_SLOTS``,
-    default ``2 * max_num_seqs``), ``park_timeout_s`` (``SENTINEL_PARK_TIMEOUT_S``,
-    default 600), ``backend`` (``SENTINEL_BACKEND``, default ``auto``).
-    """
-    import os
-
-    extra = getattr(vllm_config, "additional_config", None) or {}
-    cfg = dict(extra.get("sentinel", {})) if isinstance(extra, dict) else {}
-
-    def get(key, env, default, conv):
-        if key in cfg:
-            return conv(cfg[key])
-        if os.environ.get(env):
-            return conv(os.environ[env])
-        return default
-
-    max_model_len = getattr(getattr(vllm_config, "model_config", None), "max_model_len", 4096) or 4096
-    max_seqs = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", 256) or 256
-
-    def series_conv(v):
-        return tuple(s.strip() for s in (v.split(",") if isinstance(v, str) else v) if s.strip())
-
-    return {
-        "series": get("series", "SENTINEL_SERIES", DEFAULT_SERIES, series_conv),
-        "max_steps": get("max_steps", "SENTINEL_MAX_STEPS", min(int(max_model_len), 32768), int),
-        "num_slots": get("num_slots", "SENTINEL_NUM_SLOTS", 2 * int(max_seqs), int),
-        "park_timeout_s": get("park_timeout_s", "SENTINEL_PARK_TIMEOUT_S", DEFAULT_PARK_TIMEOUT_S, float),
-        "backend": get("backend", "SENTINEL_BACKEND", "auto", str),
-    }
-
-
-def make_tracker(vllm_config: Any, device: Any, **overrides) -> SlotTracker | None:
-    """The tracker for a processor instance, registered; None on other ranks."""
-    if not is_sentinel_rank():
-        return None
-    cfg = {**tracker_config(vllm_config), **overrides}
-    tracker = SlotTracker(
-        cfg["num_slots"],
-        cfg["max_steps"],
-        cfg["series"],
-        device,
-        backend=cfg["backend"],
-        park_timeout_s=cfg["park_timeout_s"],
-        state_factory=cfg.get("state_factory"),
-    )
-    register(tracker)
-    return tracker

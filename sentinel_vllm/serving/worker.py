@@ -7,7 +7,7 @@ run in every worker process, between model steps. They reach the processor(s)
 of that process through the registry in :mod:`sentinel_vllm.serving.tracker`.
 
 Tensor parallelism: only tensor-parallel rank 0 of the last pipeline stage
-creates a tracker (:func:`~sentinel_vllm.serving.tracker.is_sentinel_rank`);
+creates a tracker (:func:`~sentinel_vllm.serving.tracker_setup.is_sentinel_rank`);
 on the other ranks every method answers empty (``sentinel_stats`` says
 ``"rank_active": False``). ``collective_rpc`` returns one answer per worker in
 rank order; the API server uses the first non-empty one (rank 0's), see

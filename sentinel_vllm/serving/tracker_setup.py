@@ -1,0 +1,94 @@
+"""Construction of the sentinel's slot tracker inside a vLLM worker: rank and settings.
+
+Only one worker per engine does the sentinel work (:func:`is_sentinel_rank`);
+settings come from ``--additional-config '{"sentinel": {...}}'`` or env vars
+(:func:`tracker_config`). See ``sentinel_vllm/serving/README.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sentinel_vllm.serving.tracker import (
+    DEFAULT_PARK_TIMEOUT_S,
+    DEFAULT_SERIES,
+    SlotTracker,
+    register,
+)
+
+__all__ = ["is_sentinel_rank", "make_tracker", "tracker_config"]
+
+
+def is_sentinel_rank() -> bool:
+    """True in the one worker per engine that does the sentinel work.
+
+    That is tensor-parallel rank 0 of the last pipeline stage (the stage that
+    holds the logits). Without initialised vLLM process groups (tests, a
+    single process) this is True.
+    """
+    try:
+        from vllm.distributed import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized():
+            return True
+        return ps.get_tp_group().rank_in_group == 0 and ps.get_pp_group().is_last_rank
+    except Exception:  # noqa: BLE001  # pragma: no cover - vLLM absent or half set up
+        return True
+
+
+def tracker_config(vllm_config: Any) -> dict:
+    """Tracker settings from ``--additional-config '{"sentinel": {...}}'`` or env vars.
+
+    Keys (env var in brackets): ``series`` (``SENTINEL_SERIES``, comma list,
+    default ``full,top20``), ``max_steps`` (``SENTINEL_MAX_STEPS``, default
+    ``min(max_model_len, 32768)``), ``num_slots`` (``SENTINEL_NUM_SLOTS``,
+    default ``2 * max_num_seqs``), ``park_timeout_s`` (``SENTINEL_PARK_TIMEOUT_S``,
+    default 600), ``backend`` (``SENTINEL_BACKEND``, default ``auto``).
+    """
+    import os
+
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    cfg = dict(extra.get("sentinel", {})) if isinstance(extra, dict) else {}
+
+    def get(key, env, default, conv):
+        if key in cfg:
+            return conv(cfg[key])
+        if os.environ.get(env):
+            return conv(os.environ[env])
+        return default
+
+    max_model_len = (
+        getattr(getattr(vllm_config, "model_config", None), "max_model_len", 4096) or 4096
+    )
+    max_seqs = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", 256) or 256
+
+    def series_conv(v):
+        return tuple(s.strip() for s in (v.split(",") if isinstance(v, str) else v) if s.strip())
+
+    return {
+        "series": get("series", "SENTINEL_SERIES", DEFAULT_SERIES, series_conv),
+        "max_steps": get("max_steps", "SENTINEL_MAX_STEPS", min(int(max_model_len), 32768), int),
+        "num_slots": get("num_slots", "SENTINEL_NUM_SLOTS", 2 * int(max_seqs), int),
+        "park_timeout_s": get(
+            "park_timeout_s", "SENTINEL_PARK_TIMEOUT_S", DEFAULT_PARK_TIMEOUT_S, float
+        ),
+        "backend": get("backend", "SENTINEL_BACKEND", "auto", str),
+    }
+
+
+def make_tracker(vllm_config: Any, device: Any, **overrides) -> SlotTracker | None:
+    """The tracker for a processor instance, registered; None on other ranks."""
+    if not is_sentinel_rank():
+        return None
+    cfg = {**tracker_config(vllm_config), **overrides}
+    tracker = SlotTracker(
+        cfg["num_slots"],
+        cfg["max_steps"],
+        cfg["series"],
+        device,
+        backend=cfg["backend"],
+        park_timeout_s=cfg["park_timeout_s"],
+        state_factory=cfg.get("state_factory"),
+    )
+    register(tracker)
+    return tracker
