@@ -114,7 +114,8 @@ def _topk_values(x: torch.Tensor, chunk_max: torch.Tensor, kmax: int, chunk: int
     if chunk_max.shape[1] <= 4 * kmax:
         return torch.topk(x.float(), kmax, dim=-1).values
     ci = torch.topk(chunk_max, kmax, dim=-1, sorted=False).indices
-    idx = (ci[:, :, None] * chunk + torch.arange(chunk, device=x.device)[None, None, :]).reshape(b, -1)
+    offs = torch.arange(chunk, device=x.device)
+    idx = (ci[:, :, None] * chunk + offs[None, None, :]).reshape(b, -1)
     cand = torch.gather(x, 1, idx.clamp_max(v - 1)).float().masked_fill_(idx >= v, float("-inf"))
     return torch.topk(cand, kmax, dim=-1, sorted=False).values.sort(-1, descending=True).values
 

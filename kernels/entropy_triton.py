@@ -64,7 +64,8 @@ def _build_kernel():
         for start in range(0, V, BLOCK_SIZE):
             cols = start + offs
             inb = cols < V
-            x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=inb, other=neg_inf).to(tl.float32)
+            x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=inb, other=neg_inf)
+            x = x.to(tl.float32)
             isbad = (x != x) | (x == float("inf"))
             bad = bad | tl.max(isbad.to(tl.int32), 0)
             x = tl.where(isbad, neg_inf, x)

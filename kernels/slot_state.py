@@ -85,7 +85,9 @@ def parse_series(series: Sequence[str]) -> tuple[tuple[int, ...], list[tuple[str
     for name in series:
         mt = _SERIES.match(name)
         if mt is None:
-            raise ValueError(f"unknown series {name!r}: use 'full', 'top{{k}}' or 'top{{k}}_renorm'")
+            raise ValueError(
+                f"unknown series {name!r}: use 'full', 'top{{k}}' or 'top{{k}}_renorm'"
+            )
         if mt.group(1) == "full":
             parsed.append(("full", 0))
             continue
@@ -214,7 +216,8 @@ class SlotState:
             If ``rows``, ``slots`` (and ``positions``) differ in length.
         """
         rows, slots = rows.reshape(-1), slots.reshape(-1)
-        if rows.shape != slots.shape or (positions is not None and positions.numel() != rows.numel()):
+        n_pos = rows.numel() if positions is None else positions.numel()
+        if rows.shape != slots.shape or n_pos != rows.numel():
             raise ValueError("rows, slots and positions must have the same length")
         if rows.numel() == 0:
             return
@@ -276,7 +279,7 @@ class SlotState:
         """
         s = _as_index(slots, self.device)
         n, n_ser, m = s.shape[0], len(self.series), self.max_steps
-        counters = torch.stack([self.count.index_select(0, s), self.nan_count.index_select(0, s)], 1)
+        counters = torch.stack([self.count[s], self.nan_count[s]], 1)
         packed = torch.cat([self.buf.index_select(0, s).reshape(n, n_ser * m),
                             counters.view(torch.float32)], 1)  # fmt: skip
         host = packed.cpu().numpy()  # the one device-to-host copy
