@@ -77,6 +77,11 @@ def _existing_ids(path: str) -> set[str]:
     return {t.id for t in read_traces(path, skip_bad=True)}
 
 
+def _trace_id(spec: BenchmarkSpec, problem) -> str:
+    """``"<slice>/<raw id>"`` (Problem ids are ``"<benchmark>/<raw id>"``)."""
+    return f"{spec.slice}/{problem.id.partition('/')[2] or problem.id}"
+
+
 def _series_names(ks: Sequence[int]) -> list[str]:
     return ["full", *[f"top{k}" for k in ks]]
 
@@ -167,7 +172,7 @@ def collect(
     for spec in specs:
         probs = load_benchmark(spec.name, n=n, seed=seed, difficulty=spec.difficulty)
         summary[spec.slice] = {"n": 0, "correct": 0, "tokens": 0, "seconds": 0.0}
-        todo += [(spec, p) for p in probs if f"{spec.slice}/{p.id}" not in done]
+        todo += [(spec, p) for p in probs if _trace_id(spec, p) not in done]
     bar = tqdm(total=len(todo), disable=not progress, unit="resp", desc="collect")
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
@@ -200,7 +205,7 @@ def collect(
                         for d in (comp.logprobs or [])]
             n_tok += len(comp.token_ids)
             records.append({
-                "id": f"{spec.slice}/{p.id}", "slice": spec.slice, "correct": bool(g.correct),
+                "id": _trace_id(spec, p), "slice": spec.slice, "correct": bool(g.correct),
                 "entropy": ent, "k": TOPK if f"top{TOPK}" in series else None,
                 "benchmark": spec.name, "difficulty": p.difficulty, "gold": p.gold,
                 "response": comp.text, "extracted": g.extracted, "grade_reason": g.reason,
