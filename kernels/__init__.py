@@ -10,11 +10,12 @@
   :mod:`sentinel_vllm.features` (computed by the training code itself).
 
 Definitions: :mod:`sentinel_vllm.entropy`; method: arXiv 2601.09001 Sec. 3.
-Nothing is compiled or imported from triton at import time.
+Nothing is compiled or imported from triton at import time; :func:`warmup`
+compiles the step path ahead of the first decode step.
 """
 
 from .slot_state import GatherResult, SlotState, parse_series
-from .step import KMAX_LIMIT, entropy_step, triton_available
+from .step import KMAX_LIMIT, entropy_step, triton_available, warmup
 
 __all__ = ["entropy_step", "SlotState", "GatherResult", "parse_series", "KMAX_LIMIT",
-           "triton_available"]
+           "triton_available", "warmup"]

@@ -120,6 +120,17 @@ def _topk_values(x: torch.Tensor, chunk_max: torch.Tensor, kmax: int, chunk: int
     return torch.topk(cand, kmax, dim=-1, sorted=False).values.sort(-1, descending=True).values
 
 
+_K_INDEX: dict = {}
+
+
+def _k_index(ks: tuple, device: torch.device) -> torch.Tensor:
+    """``k - 1`` for each k as a cached int64 tensor (no host-to-device copy per step)."""
+    key = (ks, str(device))
+    if key not in _K_INDEX:
+        _K_INDEX[key] = torch.as_tensor([k - 1 for k in ks], dtype=torch.long, device=device)
+    return _K_INDEX[key]
+
+
 def topk_from_sorted(vals: torch.Tensor, lse: torch.Tensor, ks: Sequence[int]):
     """Top-k entropies for several ``k`` from the sorted largest logits.
 
@@ -144,7 +155,7 @@ def topk_from_sorted(vals: torch.Tensor, lse: torch.Tensor, ks: Sequence[int]):
     ----------
     arXiv 2601.09001 Sec. 3.1; :func:`sentinel_vllm.entropy.topk_entropy`.
     """
-    idx = torch.as_tensor([int(k) - 1 for k in ks], dtype=torch.long, device=vals.device)
+    idx = _k_index(tuple(int(k) for k in ks), vals.device)
     logp = vals - lse[:, None]
     p = torch.exp(logp)
     c = torch.where(p > 0, -p * logp, torch.zeros_like(p)).cumsum(-1)

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["entropy_step", "normalize_ks", "triton_available", "KMAX_LIMIT"]
+__all__ = ["entropy_step", "warmup", "normalize_ks", "triton_available", "KMAX_LIMIT"]
 
 #: Largest k the kernels keep (the register buffer of the Triton kernel).
 KMAX_LIMIT = 64
@@ -114,3 +114,23 @@ def entropy_step(logits: torch.Tensor, ks: Sequence[int] = (20,), backend: str =
 
         return entropy_torch(logits, ks, chunk=block_size or CHUNK)
     raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+
+
+def warmup(vocab: int, ks: Sequence[int] = (20,), dtype=torch.float32, device="cpu",
+           backend: str = "auto") -> None:  # fmt: skip
+    """Compile the step path ahead of the first decode step.
+
+    The torch path is compiled with inductor on first use (6-25 s on a 2-core
+    CPU; cached on disk afterwards) and the Triton kernel is JIT-compiled per
+    dtype and ks; call this once at startup so no request pays for it. Shapes
+    are dynamic, so one call covers every batch size.
+
+    Parameters
+    ----------
+    vocab : int
+        Vocabulary size of the served model.
+    ks, dtype, device, backend
+        As the later :func:`entropy_step` calls will use.
+    """
+    x = torch.zeros((2, int(vocab)), dtype=dtype, device=device)
+    entropy_step(x, ks, backend=backend)
