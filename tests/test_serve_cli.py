@@ -90,11 +90,11 @@ def test_user_logits_processors_are_kept():
 
 
 def test_worker_series_mismatch_is_an_error(tmp_path):
-    from sentinel_vllm.serving.scoring import SentinelScorer
+    from sentinel_vllm.serving.scoring import SentinelScorer, worker_series
 
     s = tmp_path / "s.onnx"
     make_tiny_sentinel(s, entropy="topk", k=5)
     sc = SentinelScorer.from_path(s)
-    assert serve.worker_series(sc, "full,top5") == "full,top5"
+    assert worker_series(sc, "full,top5") == "full,top5"
     with pytest.raises(ValueError, match="does not record 'top5'"):
-        serve.worker_series(sc, "full,top20")
+        worker_series(sc, "full,top20")

@@ -20,6 +20,8 @@ import argparse
 import os
 import sys
 
+from sentinel_vllm.serving.scoring import worker_series
+
 EXAMPLES = """examples:
   sentinel-vllm serve ~/.cache/sentinel-vllm/models/smollm2-135m-instruct \\
       --sentinel sentinel.onnx --port 8000 --max-model-len 1024
@@ -110,37 +112,6 @@ def build_config(ns):
         return_trajectory=ns.sentinel_return_trajectory,
         fault_injection=ns.sentinel_fault_injection)
     return cfg, scorer
-
-
-def worker_series(scorer, env: str | None) -> str:
-    """``SENTINEL_SERIES`` for the worker: the series the sentinel scores must be recorded.
-
-    Parameters
-    ----------
-    scorer : SentinelScorer
-    env : str or None
-        The user's ``$SENTINEL_SERIES`` (comma list), if set.
-
-    Returns
-    -------
-    str
-        Comma list: the user's, or ``full,top20`` plus the sentinel's series.
-
-    Raises
-    ------
-    ValueError
-        The user's list lacks the sentinel's series.
-    """
-    if env:
-        have = [s.strip() for s in env.split(",") if s.strip()]
-        if scorer.series not in have:
-            raise ValueError(f"SENTINEL_SERIES={env!r} does not record {scorer.series!r}, the "
-                             f"series sentinel {scorer.id} scores")
-        return ",".join(have)
-    series = ["full", "top20"]
-    if scorer.series not in series:
-        series.append(scorer.series)
-    return ",".join(series)
 
 
 def vllm_argv(model: str, rest: list[str]) -> list[str]:

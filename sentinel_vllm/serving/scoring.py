@@ -35,6 +35,7 @@ __all__ = [
     "series_name",
     "resolve_sentinel_path",
     "DEFAULT_SENTINEL",
+    "worker_series",
 ]
 
 DEFAULT_SENTINEL = Path(__file__).resolve().parent.parent / "data" / "default.onnx"
@@ -90,6 +91,39 @@ def resolve_sentinel_path(arg: str | Path) -> Path:
             )
         return DEFAULT_SENTINEL
     return Path(arg)
+
+
+def worker_series(scorer, env: str | None) -> str:
+    """``SENTINEL_SERIES`` for the worker: the series the sentinel scores must be recorded.
+
+    Parameters
+    ----------
+    scorer : SentinelScorer
+        Its ``series`` must be recorded.
+    env : str or None
+        The user's ``$SENTINEL_SERIES`` (comma list), if set.
+
+    Returns
+    -------
+    str
+        Comma list: the user's, or ``full,top20`` plus the sentinel's series.
+
+    Raises
+    ------
+    ValueError
+        The user's list lacks the sentinel's series.
+    """
+    if env:
+        have = [s.strip() for s in env.split(",") if s.strip()]
+        if scorer.series not in have:
+            raise ValueError(f"SENTINEL_SERIES={env!r} does not record {scorer.series!r}, the "
+                             f"series sentinel {scorer.id} scores")
+        return ",".join(have)
+    series = ["full", "top20"]
+    if scorer.series not in series:
+        series.append(scorer.series)
+    return ",".join(series)
+
 
 
 @dataclass

@@ -1,0 +1,145 @@
+"""Offline helper: ``sentinel_vllm.LLM``, a ``vllm.LLM`` whose completions carry the sentinel.
+
+::
+
+    from sentinel_vllm import LLM
+    llm = LLM("~/.cache/sentinel-vllm/models/smollm2-135m-instruct",
+              sentinel="sentinel.onnx", max_model_len=1024)
+    out = llm.chat([{"role": "user", "content": "What is 2+3?"}], SamplingParams(max_tokens=64))
+    out[0].outputs[0].sentinel   # {"p_correct": ..., "features": {...}, "n_steps": ..., ...}
+
+It starts ``vllm.LLM`` with the sentinel logits processor and worker extension,
+gives every prompt its own ``extra_args["sentinel_id"]``, and after ``generate``/
+``chat`` fetches all statistics in one ``collective_rpc("sentinel_fetch")`` and
+scores them in one ONNX call; each ``CompletionOutput`` gets a ``.sentinel`` dict,
+the same block as the API server's (:mod:`sentinel_vllm.serving.scoring`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from sentinel_vllm.serving.response import new_sentinel_id
+from sentinel_vllm.serving.scoring import SentinelScorer, worker_series
+
+__all__ = ["LLM"]
+
+WORKER_EXTENSION = "sentinel_vllm.serving.worker.SentinelWorkerExtension"
+
+
+class LLM:
+    """``vllm.LLM`` with the Entropy Sentinel.
+
+    Parameters
+    ----------
+    model : str
+        Model folder or name (as for ``vllm.LLM``).
+    sentinel : str or path
+        ONNX sentinel file (or ``"default"``); validated before vLLM starts.
+    **vllm_kwargs
+        Passed to ``vllm.LLM`` (``logits_processors`` are kept, ours is added;
+        ``worker_extension_cls`` must not be given).
+
+    Raises
+    ------
+    ValueError
+        Bad sentinel file (:class:`~sentinel_vllm.model.SentinelFileError`), a
+        ``worker_extension_cls`` of the caller's, or ``$SENTINEL_SERIES`` without
+        the sentinel's series.
+
+    Attributes
+    ----------
+    llm : vllm.LLM
+        The wrapped engine; other attributes are forwarded to it.
+    scorer : SentinelScorer
+
+    References
+    ----------
+    arXiv 2601.09001 (Entropy Sentinel), Sec. 3.
+    """
+
+    def __init__(self, model: str, *, sentinel, **vllm_kwargs: Any):
+        self.scorer = SentinelScorer.from_path(sentinel)
+        if "worker_extension_cls" in vllm_kwargs:
+            raise ValueError(f"worker_extension_cls is set by sentinel_vllm.LLM ({WORKER_EXTENSION})")
+        os.environ["SENTINEL_SERIES"] = worker_series(self.scorer, os.environ.get("SENTINEL_SERIES"))
+        from vllm import LLM as VllmLLM
+
+        from sentinel_vllm.serving.identity import install_child_index_patch
+        from sentinel_vllm.serving.processor import processor_fqcn
+
+        install_child_index_patch()
+        use_v2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("", "0")
+        procs = [processor_fqcn(use_v2=use_v2), *(vllm_kwargs.pop("logits_processors", None) or [])]
+        self.llm = VllmLLM(model, logits_processors=procs, worker_extension_cls=WORKER_EXTENSION,
+                           **vllm_kwargs)
+        try:
+            self.scorer.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+        except Exception:  # noqa: BLE001 (only the block's "k" for full entropy)
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self.llm, name)
+
+    def generate(self, prompts, sampling_params=None, *, slices=None, **kwargs):
+        """``vllm.LLM.generate`` whose outputs carry ``.sentinel`` per completion.
+
+        Parameters
+        ----------
+        prompts, sampling_params, **kwargs
+            As for ``vllm.LLM.generate``.
+        slices : str or sequence of str, optional
+            Slice label per prompt (copied into the blocks).
+
+        Returns
+        -------
+        list of vllm.RequestOutput
+            Each ``output.outputs[i].sentinel`` is the block of choice ``i``.
+        """
+        n = 1 if isinstance(prompts, (str, dict)) else len(prompts)
+        params, ids = self._params(sampling_params, n)
+        outs = self.llm.generate(prompts, params, **kwargs)
+        self._attach(outs, ids, slices)
+        return outs
+
+    def chat(self, messages, sampling_params=None, *, slices=None, **kwargs):
+        """``vllm.LLM.chat`` whose outputs carry ``.sentinel`` per completion (see :meth:`generate`)."""
+        single = bool(messages) and isinstance(messages[0], dict)
+        n = 1 if single else len(messages)
+        params, ids = self._params(sampling_params, n)
+        outs = self.llm.chat(messages, params, **kwargs)
+        self._attach(outs, ids, slices)
+        return outs
+
+    def _params(self, sampling_params, n_prompts: int):
+        if sampling_params is None:
+            sampling_params = self.llm.get_default_sampling_params()
+        if not isinstance(sampling_params, Sequence):
+            sampling_params = [sampling_params] * n_prompts
+        if len(sampling_params) != n_prompts:
+            raise ValueError(f"{len(sampling_params)} sampling params for {n_prompts} prompts")
+        params, ids = [], []
+        for sp in sampling_params:
+            sid = new_sentinel_id()
+            p = sp.clone()
+            p.extra_args = {**(sp.extra_args or {}), "sentinel_id": sid, "sentinel_n": int(sp.n)}
+            params.append(p)
+            ids.append(sid)
+        return params, ids
+
+    def _attach(self, outs, ids: list[str], slices) -> None:
+        from sentinel_vllm.serving.worker import first_answer
+
+        if isinstance(slices, str) or slices is None:
+            slices = [slices or "default"] * len(ids)
+        res = first_answer(self.llm.collective_rpc("sentinel_fetch", args=(ids,))) or {}
+        samples, labels, where = [], [], []
+        for out, sid, label in zip(outs, ids, slices):
+            got = {int(s.get("child", 0)): s for s in res.get(sid) or ()}
+            for comp in out.outputs:
+                samples.append(got.get(comp.index))
+                labels.append(str(label))
+                where.append(comp)
+        for comp, scored in zip(where, self.scorer.score(samples, labels)):
+            comp.sentinel = scored.block
