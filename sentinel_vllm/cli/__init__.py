@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "models": "models",
     "collect": "collect",
     "bench": "bench",
+    "demo": "demo",
 }
 
 

@@ -1,0 +1,146 @@
+"""The main job, end to end: serve a real model with the sentinel, send real questions, read the scores.
+
+Starts ``sentinel-vllm serve MODEL --sentinel S`` (vLLM's OpenAI-compatible
+server with the sentinel), sends benchmark questions concurrently as chat
+requests labelled with their slice (``vllm_xargs.sentinel_slice``), grades the
+answers, and prints each request's ``p_correct`` beside the graded truth, then
+per-slice estimated accuracy (95% interval) against true accuracy, and the
+sentinel's Prometheus gauges from ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+__all__ = ["run_demo", "start_server", "chat"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, sentinel: str, port: int, log_path: str, *, max_model_len: int = 2048,
+                 extra: list[str] | None = None, timeout_s: float = 600.0) -> subprocess.Popen:
+    """Start ``sentinel-vllm serve`` and wait until ``/health`` answers.
+
+    Raises
+    ------
+    RuntimeError
+        If the server exits or is not healthy within ``timeout_s`` seconds (the
+        message ends with the last lines of its log).
+    """
+    cmd = [sys.executable, "-m", "sentinel_vllm", "serve", model, "--sentinel", sentinel,
+           "--port", str(port), "--host", "127.0.0.1", "--max-model-len", str(max_model_len),
+           "--gpu-memory-utilization", "0.25", *(extra or [])]
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(2)
+    proc.terminate()
+    with open(log_path, "rb") as fh:
+        tail = fh.read()[-3000:].decode(errors="replace")
+    raise RuntimeError(f"server did not become healthy (exit code {proc.poll()}); log tail:\n{tail}")
+
+
+def chat(port: int, model: str, question: str, slice_label: str, max_tokens: int) -> dict:
+    """One non-streaming chat completion; returns the response JSON."""
+    body = {"model": model, "messages": [{"role": "user", "content": question}],
+            "max_tokens": max_tokens, "temperature": 0.5,
+            "vllm_xargs": {"sentinel_slice": slice_label}}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                 data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=1800) as r:
+        return json.loads(r.read())
+
+
+def run_demo(model_name: str, sentinel: str, benchmarks: list[str], n: int, *, max_tokens: int = 512,
+             concurrency: int = 16, seed: int = 1234, out=sys.stdout) -> dict:
+    """Serve, ask, grade, print. Returns the per-slice estimates.
+
+    Parameters
+    ----------
+    model_name : str
+        Short name (``qwen2.5-coder-0.5b``, ``smollm2-135m``), folder or HF id.
+    sentinel : str
+        ONNX sentinel path or ``"default"``.
+    benchmarks : list of str
+        Benchmark names (``name:level`` allowed); each is one slice.
+    n : int
+        Questions per benchmark (seeded sample; the default seed differs from
+        the collection seed so questions are unlikely to be training ones).
+    """
+    from sentinel_vllm.aggregate import estimate_slices
+    from sentinel_vllm.collect import parse_benchmarks
+    from sentinel_vllm.datasets import grade, load_benchmark
+    from sentinel_vllm.models import resolve_model
+
+    model = resolve_model(model_name)
+    specs = parse_benchmarks(",".join(benchmarks))
+    problems = [(s, p) for s in specs
+                for p in load_benchmark(s.name, n=n, seed=seed, difficulty=s.difficulty)]
+    port = _free_port()
+    log_path = os.path.join(tempfile.gettempdir(), f"sentinel-demo-{port}.log")
+    print(f"starting sentinel-vllm serve {model_name} --sentinel {sentinel} (log: {log_path})",
+          file=out, flush=True)
+    proc = start_server(model, sentinel, port, log_path)
+    try:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            resps = list(pool.map(lambda sp: chat(port, model, sp[1].render(), sp[0].slice, max_tokens),
+                                  problems))
+        dt = time.perf_counter() - t0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            metrics = [ln for ln in r.read().decode().splitlines()
+                       if ln.startswith("sentinel_") and "estimated_accuracy" in ln]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    print(f"\n{len(resps)} requests in {dt:.0f} s\n", file=out)
+    print(f"{'request':28s} {'slice':10s} {'tokens':>6s} {'p_correct':>9s}  graded", file=out)
+    slices, ps, truth = [], [], []
+    for (spec, prob), r in zip(problems, resps):
+        block = r.get("sentinel", {})
+        text = r["choices"][0]["message"]["content"] or ""
+        g = grade(prob, text)
+        p = block.get("p_correct")
+        shown = f"{p:9.3f}" if p is not None else f"{'error':>9s}"
+        print(f"{prob.id:28s} {spec.slice:10s} {r['usage']['completion_tokens']:6d} {shown}  "
+              f"{'correct' if g.correct else 'wrong'}", file=out)
+        if p is not None:
+            slices.append(spec.slice)
+            ps.append(p)
+            truth.append(bool(g.correct))
+    est = estimate_slices(slices, ps, truth)
+    print(f"\n{'slice':10s} {'n':>4s} {'estimated':>9s} {'95% CI':>15s} {'true':>6s} {'AEE':>6s}", file=out)
+    for s, e in est.items():
+        print(f"{s:10s} {e.n:4d} {e.estimate:9.3f} {f'[{e.ci_low:.2f}, {e.ci_high:.2f}]':>15s} "
+              f"{e.true:6.3f} {e.aee:6.3f}", file=out)
+    if metrics:
+        print("\n/metrics (sentinel gauges):", file=out)
+        for ln in metrics[:12]:
+            print("  " + ln, file=out)
+    return est
