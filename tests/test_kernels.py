@@ -349,6 +349,10 @@ def test_record_does_not_synchronise_on_cuda():
     st = SlotState(8, 16, device="cuda")
     x = torch.randn(8, 5000, device="cuda")
     rows = torch.arange(8, device="cuda")
+    st.record(x, rows, rows)  # first call: JIT compile and cached constants (H2D copies)
+    st.record(x, rows, rows, positions=rows)
+    st.reset(list(range(8)))
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
