@@ -137,6 +137,22 @@ def _as_index(x, device) -> torch.Tensor:
     return torch.as_tensor(list(x), dtype=torch.long, device=device).reshape(-1)
 
 
+def _gather_packed(buf: torch.Tensor, count: torch.Tensor, nan_count: torch.Tensor,
+                   s: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Rows ``s`` of the buffer and both counters in ONE device-to-host copy.
+
+    The int64 counters travel bit-for-bit as pairs of float32 beside the rows.
+    Returns ``count`` int64 (n,), ``nan_count`` int64 (n,), ``data`` float32
+    (n, n_series, max_steps).
+    """
+    n, n_ser, m = s.shape[0], buf.shape[1], buf.shape[2]
+    counters = torch.stack([count[s], nan_count[s]], 1)
+    packed = torch.cat([buf[s].reshape(n, n_ser * m), counters.view(torch.float32)], 1)
+    host = packed.cpu().numpy()  # the one device-to-host copy
+    cnt = np.ascontiguousarray(host[:, n_ser * m :]).view(np.int64)
+    return cnt[:, 0], cnt[:, 1], host[:, : n_ser * m].reshape(n, n_ser, m)
+
+
 class SlotState:
     """Dense per-slot entropy trajectories on the device (see the module docstring).
 
@@ -245,6 +261,12 @@ class SlotState:
     def reset(self, slots) -> None:
         """Empty ``slots`` (list of int, int or LongTensor)."""
         s = _as_index(slots, self.device)
+        if self.device.type == "cpu":  # torch's CPU index_fill_ crawls on long rows
+            idx = s.numpy()
+            self.buf.numpy()[idx] = np.nan
+            self.count.numpy()[idx] = 0
+            self.nan_count.numpy()[idx] = 0
+            return
         self.buf.index_fill_(0, s, float("nan"))
         self.count.index_fill_(0, s, 0)
         self.nan_count.index_fill_(0, s, 0)
@@ -255,7 +277,11 @@ class SlotState:
         if s.shape != d.shape:
             raise ValueError("src and dst must have the same length")
         for t in (self.buf, self.count, self.nan_count):
-            t.index_copy_(0, d, t.index_select(0, s))
+            if t.device.type == "cpu":  # torch's CPU index_select/index_copy_ crawl on long rows
+                a = t.numpy()
+                a[d.numpy()] = a[s.numpy()]  # right side copied first: pairs move at once
+            else:
+                t.index_copy_(0, d, t[s])
 
     def swap(self, a, b) -> None:
         """Exchange the states of slots ``a`` and ``b`` (int or LongTensor pairs)."""
@@ -279,19 +305,24 @@ class SlotState:
         """
         s = _as_index(slots, self.device)
         n, n_ser, m = s.shape[0], len(self.series), self.max_steps
-        counters = torch.stack([self.count[s], self.nan_count[s]], 1)
-        packed = torch.cat([self.buf.index_select(0, s).reshape(n, n_ser * m),
-                            counters.view(torch.float32)], 1)  # fmt: skip
-        host = packed.cpu().numpy()  # the one device-to-host copy
-        cnt = np.ascontiguousarray(host[:, n_ser * m :]).view(np.int64)
-        count, nan_app = cnt[:, 0], cnt[:, 1]
-        data = host[:, : n_ser * m].reshape(n, n_ser, m).astype(np.float64)
-        stored = np.minimum(count, m)
-        inside = np.arange(m)[None, :] < stored[:, None]
+        if self.device.type == "cpu":  # no copy needed: read the buffer in place
+            idx = s.numpy()
+            count, nan_app = self.count.numpy()[idx], self.nan_count.numpy()[idx]
+            stored = np.minimum(count, m)
+            width = int(stored.max(initial=0))
+            data = self.buf.numpy()[idx, :, :width].astype(np.float64)
+        else:
+            count, nan_app, data = _gather_packed(self.buf, self.count, self.nan_count, s)
+            stored = np.minimum(count, m)
+            width = int(stored.max(initial=0))  # host work only over the longest trajectory
+            data = data[:, :, :width].astype(np.float64)
+        inside = np.arange(width)[None, :] < stored[:, None]
         keep = inside & ~np.isnan(data[:, 0, :])
         n_steps = keep.sum(1).astype(np.int64)
-        # Compact each slot's kept steps to the front (stable order).
-        order = np.argsort(~keep, axis=1, kind="stable")
+        # Compact each slot's kept steps to the front (stable order); positioned
+        # mode may leave NaN holes, append mode never does.
+        holes = bool((inside & ~keep).any())
+        order = np.argsort(~keep, axis=1, kind="stable") if holes else None
         res = GatherResult(
             n_steps=n_steps,
             nan_steps=nan_app + (inside & ~keep).sum(1),
@@ -300,8 +331,10 @@ class SlotState:
             trajectories={} if trajectories else None,
         )
         for j, name in enumerate(self.series):
-            traj = np.take_along_axis(data[:, j, :], order, axis=1)
-            traj = np.where(np.arange(m)[None, :] < n_steps[:, None], traj, 0.0)
+            traj = data[:, j, :]
+            if holes:
+                traj = np.take_along_axis(traj, order, axis=1)
+            traj = np.where(np.arange(width)[None, :] < n_steps[:, None], traj, 0.0)
             res.features[name] = compute_features_batch(traj, n_steps)
             if trajectories:
                 res.trajectories[name] = [traj[i, : n_steps[i]].copy() for i in range(n)]

@@ -338,6 +338,19 @@ def test_record_selects_rows_by_either_route():
     np.testing.assert_allclose(res.trajectories["full"][1], ref[[9], 0], atol=1e-5)
 
 
+def test_packed_gather_route_round_trips_counters():
+    # The CUDA route of gather packs int64 counters as float32 bits beside the rows.
+    from sentinel_vllm.kernels.slot_state import _gather_packed
+
+    st = SlotState(4, 3, series=("full", "top2"))
+    st.buf.copy_(torch.arange(24, dtype=torch.float32).reshape(4, 2, 3))
+    st.count.copy_(torch.tensor([0, 2**40 + 3, 5, 1]))
+    st.nan_count.copy_(torch.tensor([7, 0, 2**33, 1]))
+    count, nan, data = _gather_packed(st.buf, st.count, st.nan_count, torch.tensor([2, 1]))
+    assert count.tolist() == [5, 2**40 + 3] and nan.tolist() == [2**33, 0]
+    np.testing.assert_array_equal(data, st.buf.numpy()[[2, 1]])
+
+
 def test_record_length_mismatch_raises():
     st = SlotState(2, 4)
     with pytest.raises(ValueError, match="same length"):
