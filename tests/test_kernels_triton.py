@@ -109,3 +109,12 @@ def test_slot_state_with_triton_backend():
     st = SlotState(4, 40, series=("full", "top3", "top3_renorm"), device=DEV, backend="triton")
     truth, nans = run_random_model(st, 30, seed=3, vocab=48, batch=3)
     assert_state_matches(st, truth, nans, [0, 1, 2, 3])
+
+
+@here
+@pytest.mark.parametrize("v, scale", [(151936, 3.0), (262144, 1.0)])
+def test_real_vocab_sizes_default_block(v, scale):
+    g = torch.Generator().manual_seed(v)
+    x = torch.randn(2, v, generator=g) * scale
+    x[0, :5] += 20.0  # a peaked row
+    check_against_reference(x.to(DEV), (1, 20, 64), "triton")
