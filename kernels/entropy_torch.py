@@ -186,8 +186,11 @@ def entropy_torch(logits: torch.Tensor, ks: Sequence[int] = (20,), chunk: int = 
     topk, topk_renorm : torch.Tensor of float32, shape (batch, len(ks))
         All in nats; NaN in every output for invalid rows.
     """
-    h, lse, cm = full_entropy_stats(logits, chunk)
     b = logits.shape[0]
+    if b == 0:
+        z = torch.empty((0, len(ks)), dtype=torch.float32, device=logits.device)
+        return torch.empty(0, dtype=torch.float32, device=logits.device), z, z.clone()
+    h, lse, cm = full_entropy_stats(logits, chunk)
     if len(ks) == 0:
         empty = torch.empty((b, 0), dtype=torch.float32, device=logits.device)
         return h, empty, empty.clone()
