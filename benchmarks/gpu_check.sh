@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# One-shot GPU check of issue 5 (run on a CUDA machine from the repository root;
-# at most ~4.5 minutes; needs a CUDA build of torch with triton in .venv or on PATH): kernel tests on the GPU (no interpreter), then the kernel
-# benchmark (quick grid incl. batch 256/1024, then the full grid if time allows).
+# One-shot GPU check of issue 5, run from anywhere on a CUDA machine: at most
+# ~4.5 minutes; needs a CUDA build of torch with triton (python on PATH, or .venv).
+# Kernel tests on the GPU (no interpreter), then the kernel benchmark (quick grid
+# incl. batch 256/1024, bf16, then the full grid without naive if time allows).
 # Prints everything; paste the tables into benchmarks/RESULTS.md "## Kernel (issue 5)".
 set -u
 cd "$(dirname "$0")/.."
-[ -f .venv/bin/activate ] && source .venv/bin/activate
+# Use a python whose torch sees CUDA (the repo's .venv may be a CPU build).
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  [ -f .venv/bin/activate ] && source .venv/bin/activate
+fi
+# kernels/ maps to sentinel_vllm.kernels only through the installed package.
+python -c "import sentinel_vllm.kernels" 2>/dev/null || \
+  pip install -q --no-deps --no-build-isolation -e . || echo "!! could not install the package"
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
 echo "== environment"; date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
