@@ -34,7 +34,9 @@ slots are unaffected. Two modes:
   row leaves NaN at its position; at
   ``gather`` NaN positions (and positions never written since the last reset)
   are left out of the trajectory and counted in ``nan_steps``: once per
-  position, and a later valid write at that position removes it again.
+  position, and a later valid write at that position removes it again. A
+  rewind (a position below the count) keeps the values beyond it until they
+  are overwritten; only positions below the count are ever read.
 
 ``gather`` copies the requested slots' rows of the buffer together with their
 counters in ONE device-to-host copy (``n * (n_series * max_steps + 4) * 4``

@@ -202,11 +202,45 @@ def assert_state_matches(st: SlotState, truth: dict, nan_truth: dict, slots, bac
     return res
 
 
-def run_random_model(st: SlotState, n_steps: int, seed: int, vocab: int = 64, batch: int = 5):
-    """Random record/reset/move/swap, checked against a python model of the truth."""
+class SlotModel:
+    """Python model of one slot: written cells by position, count, NaN rows in append mode."""
+
+    def __init__(self):
+        self.cells, self.count, self.nan_app = {}, 0, 0
+
+    def copy(self):
+        m = SlotModel()
+        m.cells, m.count, m.nan_app = dict(self.cells), self.count, self.nan_app
+        return m
+
+    def expected(self, max_steps):
+        """(trajectory rows, nan_steps, n_dropped) as gather should report them."""
+        stored = min(self.count, max_steps)
+        traj = [self.cells[i] for i in range(stored)
+                if i in self.cells and np.isfinite(self.cells[i]).all()]  # fmt: skip
+        return traj, self.nan_app + stored - len(traj), max(self.count - max_steps, 0)
+
+
+def run_random_model(st: SlotState, n_steps: int, seed: int, vocab: int = 64, batch: int = 5,
+                     positioned: bool = False):  # fmt: skip
+    """Random record/reset/move/swap, checked against a python model of the truth.
+
+    ``positioned``: record with positions (next step mostly; sometimes the same
+    step again, a skipped position, or a rewind), as the vLLM adapter does.
+    """
     rng = np.random.default_rng(seed)
-    truth = {s: [] for s in range(st.num_slots)}
-    nans = {s: 0 for s in range(st.num_slots)}
+    model = {s: SlotModel() for s in range(st.num_slots)}
+    dev = st.device
+
+    def check():
+        truth, nans = {}, {}
+        for s, m in model.items():
+            truth[s], nans[s], _ = m.expected(st.max_steps)
+        res = assert_state_matches(st, truth, nans, list(range(st.num_slots)))
+        dropped = [model[s].expected(st.max_steps)[2] for s in range(st.num_slots)]
+        assert res.n_dropped.tolist() == dropped
+        assert res.truncated.tolist() == [d > 0 for d in dropped]
+
     for step in range(n_steps):
         x = torch.randn(batch, vocab) * float(rng.uniform(0.5, 4))
         if rng.random() < 0.2:
@@ -214,38 +248,60 @@ def run_random_model(st: SlotState, n_steps: int, seed: int, vocab: int = 64, ba
         n = int(rng.integers(0, batch + 1))
         rows = rng.choice(batch, n, replace=False)
         slots = rng.choice(st.num_slots, n, replace=False)
-        dev = st.device
-        st.record(x.to(dev), torch.as_tensor(rows, device=dev), torch.as_tensor(slots, device=dev))
         vals = ref_values(x[torch.as_tensor(rows, dtype=torch.long)], st.series)
-        for r, s, v in zip(rows, slots, vals):
-            if np.isfinite(v).all():
-                truth[s].append(v)
-            else:
-                nans[s] += 1
+        args = (x.to(dev), torch.as_tensor(rows, device=dev), torch.as_tensor(slots, device=dev))
+        if positioned:
+            pos = []
+            for s in slots:
+                c, u = model[s].count, rng.random()
+                pos.append(c - 1 if u < 0.2 and c > 0 else c + 2 if u < 0.25 else
+                           max(c - 5, 0) if u < 0.3 else c)  # fmt: skip
+            st.record(*args, positions=torch.as_tensor(pos, dtype=torch.long, device=dev))
+            for s, p, v in zip(slots, pos, vals):
+                m = model[s]
+                if p < st.max_steps:
+                    m.cells[p] = v if np.isfinite(v).all() else np.full_like(v, np.nan)
+                m.count = p + 1
+        else:
+            st.record(*args)
+            for s, v in zip(slots, vals):
+                m = model[s]
+                if np.isfinite(v).all():
+                    if m.count < st.max_steps:
+                        m.cells[m.count] = v
+                    m.count += 1
+                else:
+                    m.nan_app += 1
         op = rng.random()
         if op < 0.1:
             s = int(rng.integers(st.num_slots))
             st.reset([s])
-            truth[s], nans[s] = [], 0
+            model[s] = SlotModel()
         elif op < 0.25:
             a, b = (int(i) for i in rng.choice(st.num_slots, 2, replace=False))
             st.move(a, b)
-            truth[b], nans[b] = list(truth[a]), nans[a]
+            model[b] = model[a].copy()
         elif op < 0.4:
             a, b = (int(i) for i in rng.choice(st.num_slots, 2, replace=False))
-            st.swap(torch.tensor([a], device=st.device), torch.tensor([b], device=st.device))
-            truth[a], truth[b] = truth[b], truth[a]
-            nans[a], nans[b] = nans[b], nans[a]
+            st.swap(torch.tensor([a], device=dev), torch.tensor([b], device=dev))
+            model[a], model[b] = model[b], model[a]
         if step % 25 == 24:
-            assert_state_matches(st, truth, nans, list(range(st.num_slots)))
-    return truth, nans
+            check()
+    check()
+    return model
 
 
 def test_random_record_move_swap_reset_against_python_model():
     st = SlotState(7, 200, series=("full", "top5", "top5_renorm", "top20"), backend="torch")
-    truth, nans = run_random_model(st, 150, seed=0)
-    res = assert_state_matches(st, truth, nans, [6, 0, 3])
-    assert not res.truncated.any()
+    run_random_model(st, 150, seed=0)
+
+
+@pytest.mark.parametrize("max_steps", [12, 200])
+def test_random_positioned_records_against_python_model(max_steps):
+    # Positioned writes (as the vLLM adapter makes them) with overwrites, holes,
+    # rewinds, NaN rows, truncation, moves and swaps in the middle of trajectories.
+    st = SlotState(6, max_steps, series=("full", "top3"), backend="torch")
+    run_random_model(st, 150, seed=max_steps, positioned=True)
 
 
 def test_length_zero_and_one_trajectories():
