@@ -88,6 +88,14 @@ def test_random_and_edge_rows_match_reference(v, chunk, ks):
     assert full[n_rand + 1].item() == 0.0  # one-hot
 
 
+def test_eager_row_slices(monkeypatch):
+    import sentinel_vllm.kernels.entropy_torch as et
+
+    monkeypatch.setattr(et, "EAGER_SLICE", 3 * 1023)  # 3 rows per slice
+    x = torch.cat([torch.randn(4, 1023) * 3, edge_rows(1023)])
+    check_against_reference(x, (1, 20), "torch", 16)
+
+
 def test_pruned_topk_is_exact_with_many_ties():
     # Every chunk holds the same maximum: the pruning must not lose or double values.
     v, chunk = 4096, 16
