@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -94,6 +95,15 @@ def naive_both(x, k=20):
     return full_entropy_torch(x), topk_entropy_torch(x, k), topk_entropy_torch(x, k, renormalize=True)
 
 
+def uncompiled(x, k=20):
+    """The torch path's eager fallback (what runs when torch.compile is unavailable)."""
+    os.environ["SENTINEL_VLLM_NO_COMPILE"] = "1"
+    try:
+        return entropy_step(x, (k,), backend="torch")
+    finally:
+        del os.environ["SENTINEL_VLLM_NO_COMPILE"]
+
+
 def copy_bandwidth(dev):
     n = 256 * 2**20  # floats: 1 GiB
     a = torch.empty(n, device=dev)
@@ -154,6 +164,7 @@ def main(argv=None) -> int:
     rows = [
         (f"fused full+top{k}", lambda: entropy_step(x, (k,))),
         ("fused full only", lambda: entropy_step(x, ())),
+        (f"torch path uncompiled full+top{k}", lambda: uncompiled(x, k)),
         ("fused full+top{1,5,10,20,50}", lambda: entropy_step(x, (1, 5, 10, 20, 50))),
         (f"eager full+top{k}", lambda: eager_both(x, k)),
         ("eager full only", lambda: eager_full(x)),
