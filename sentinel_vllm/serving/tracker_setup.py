@@ -91,4 +91,25 @@ def make_tracker(vllm_config: Any, device: Any, **overrides) -> SlotTracker | No
         state_factory=cfg.get("state_factory"),
     )
     register(tracker)
+    _warmup(vllm_config, device, cfg)
     return tracker
+
+
+def _warmup(vllm_config: Any, device: Any, cfg: dict) -> None:
+    """Compile the entropy step now (6-25 s on CPU) so no request pays for it.
+
+    A failure is logged, never raised: the first decode step then compiles.
+    """
+    import logging
+
+    try:
+        import torch
+
+        from sentinel_vllm.kernels import warmup
+        from sentinel_vllm.kernels.slot_state import parse_series
+
+        vocab = vllm_config.model_config.get_vocab_size()
+        ks, _ = parse_series(cfg["series"])
+        warmup(vocab, ks or (20,), dtype=torch.float32, device=device, backend=cfg["backend"])
+    except Exception as exc:  # noqa: BLE001 - warmup is an optimisation
+        logging.getLogger(__name__).warning("sentinel kernel warmup skipped: %s", exc)
