@@ -49,6 +49,8 @@ __all__ = [
     "load_sentinel",
     "sentinel_id",
     "normalise_entropy",
+    "DEFAULT_SENTINEL",
+    "resolve_sentinel_path",
 ]
 
 SCHEMA_VERSION = 1
@@ -57,6 +59,27 @@ OUTPUT_P = "p_correct"
 OUTPUT_PROBA = "probabilities"
 METADATA_KEY = "sentinel"
 _REQUIRED_META = ("schema_version", "feature_names", "entropy", "k")
+
+#: The embedded default sentinel, addressable as ``"default"`` wherever a sentinel file is named.
+DEFAULT_SENTINEL = Path(__file__).resolve().parent / "data" / "default.onnx"
+
+
+def resolve_sentinel_path(arg) -> Path:
+    """Path of a sentinel named by the user; ``"default"`` (or None) is the embedded one.
+
+    Raises
+    ------
+    SentinelFileError
+        ``"default"`` while no default sentinel ships with this install.
+    """
+    if arg is None or str(arg) == "default":
+        if not DEFAULT_SENTINEL.is_file():
+            raise SentinelFileError(
+                "no default sentinel is bundled with this install "
+                f"(expected {DEFAULT_SENTINEL}); train one with `sentinel-vllm train` and pass its .onnx path"
+            )
+        return DEFAULT_SENTINEL
+    return Path(os.fspath(arg))
 
 
 class SentinelFileError(ValueError):
@@ -299,7 +322,8 @@ def load_sentinel(
         file, a file that is not ONNX, an ONNX file without sentinel metadata or
         with another schema, or a mismatch with ``feature_names``/``entropy``/``k``.
     """
-    p = Path(os.fspath(path))
+    is_default = path is None or str(path) == "default"
+    p = resolve_sentinel_path(path)
     if not p.exists():
         _fail(p, "no such sentinel file")
     if p.is_dir():
@@ -333,6 +357,14 @@ def load_sentinel(
     except Exception as e:
         _fail(p, f"onnxruntime cannot load it ({type(e).__name__}: {e})")
     sent = Sentinel(sess, meta, sentinel_id(data), str(p))
+    if is_default:
+        import logging
+
+        logging.getLogger("sentinel_vllm").warning(
+            "using the embedded default sentinel %s, trained on %s traces of %s: estimates for "
+            "another model are unvalidated (check AUROC on 100-200 labelled responses first)",
+            sent.id, meta.get("trained_for_model", "an unknown model"),
+            "+".join(meta.get("training_slices") or []) or "unknown slices")
     if entropy is not None:
         sent.check_compatible(FEATURE_NAMES if feature_names is None else feature_names, entropy, k)
     return sent

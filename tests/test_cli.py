@@ -75,3 +75,20 @@ def test_malformed_trace_names_file_and_line(tmp_path, capsys):
     assert main(["features", str(p), "--skip-bad", "--out", str(tmp_path / "f.csv")]) == 0
     assert "skipped 1 malformed record" in capsys.readouterr().err
     assert len(_csv(tmp_path / "f.csv")) == 2
+
+
+def test_default_sentinel_resolves_and_warns(trace_file, tmp_path, monkeypatch, caplog):
+    import sentinel_vllm.export as export
+
+    onnx_path = tmp_path / "default.onnx"
+    assert main(["train", trace_file, "--slices", "easy,hard", "--trained-for", "tiny-model",
+                 "--out", str(onnx_path)]) == 0
+    monkeypatch.setattr(export, "DEFAULT_SENTINEL", onnx_path)
+    with caplog.at_level("WARNING", logger="sentinel_vllm"):
+        sent = export.load_sentinel("default")
+    assert sent.metadata["trained_for_model"] == "tiny-model"
+    assert "tiny-model" in caplog.text and "easy+hard" in caplog.text
+    assert main(["score", "default", trace_file, "--out", str(tmp_path / "p.csv")]) == 0
+    monkeypatch.setattr(export, "DEFAULT_SENTINEL", tmp_path / "absent.onnx")
+    with pytest.raises(export.SentinelFileError, match="no default sentinel"):
+        export.load_sentinel("default")

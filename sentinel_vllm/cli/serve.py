@@ -39,8 +39,9 @@ MIDDLEWARE = "sentinel_vllm.serving.server.SentinelMiddleware"
 
 def _add_sentinel_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sentinel")
-    g.add_argument("--sentinel", required=True, metavar="S.onnx",
-                   help="ONNX sentinel file (`sentinel-vllm train`), or 'default'")
+    g.add_argument("--sentinel", nargs="?", const="default", default="default", metavar="S.onnx",
+                   help="ONNX sentinel file (`sentinel-vllm train`); 'default' or no file: the "
+                        "embedded default sentinel (a warning names the model it was trained for)")
     g.add_argument("--sentinel-slices", default=None, metavar="A,B,C",
                    help="allowlist of slice labels (others count as 'other')")
     g.add_argument("--sentinel-max-slices", type=int, default=32, metavar="N",
@@ -93,7 +94,7 @@ def build_config(ns):
     from sentinel_vllm.serving.server import ServerConfig
 
     path = resolve_sentinel_path(ns.sentinel)
-    scorer = SentinelScorer.from_path(path)  # ONNX only; raises a clear ValueError
+    scorer = SentinelScorer.from_path(ns.sentinel)  # ONNX only; warns when it is the default
     if ns.sentinel_baseline is not None:
         load_baseline(ns.sentinel_baseline)
     if not 0 <= ns.sentinel_drift_margin <= 1:

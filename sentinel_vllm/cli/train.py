@@ -17,6 +17,9 @@ def add_parser(sub):
     p.add_argument("--no-calibration", action="store_true", help="skip isotonic calibration")
     p.add_argument("--no-balance", action="store_true", help="class_weight=None instead of balanced_subsample")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trained-for", default=None, metavar="MODEL",
+                   help="the model the traces come from (stored in the sentinel's metadata); "
+                        "default: the traces' generation.model")
     return p
 
 
@@ -50,7 +53,11 @@ def run(args) -> int:
         random_state=args.seed,
     ).fit(X, y)
     slices = sorted({t.slice for t in traces})
-    sid = clf.export_onnx(args.out, entropy=name, k=k, training_slices=slices)
+    trained_for = args.trained_for or next(
+        (t.extra.get("generation", {}).get("model") for t in traces
+         if isinstance(t.extra.get("generation"), dict)), None)
+    extra = {"trained_for_model": trained_for} if trained_for else None
+    sid = clf.export_onnx(args.out, entropy=name, k=k, training_slices=slices, extra_metadata=extra)
     print(f"trained on {len(y)} traces ({y.mean():.3f} correct) from {slices}; "
           f"wrote {args.out} ({sid})", file=sys.stderr)
     return 0

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from sentinel_vllm.export import DEFAULT_SENTINEL, resolve_sentinel_path
 from sentinel_vllm.features import FEATURE_NAMES
 
 __all__ = [
@@ -37,8 +37,6 @@ __all__ = [
     "DEFAULT_SENTINEL",
     "worker_series",
 ]
-
-DEFAULT_SENTINEL = Path(__file__).resolve().parent.parent / "data" / "default.onnx"
 
 
 def series_name(entropy: str, k: int | None) -> str:
@@ -69,28 +67,6 @@ def series_name(entropy: str, k: int | None) -> str:
     if kind == "full":
         return "full"
     return f"top{kk}" + ("_renorm" if kind == "topk_renorm" else "")
-
-
-def resolve_sentinel_path(arg: str | Path) -> Path:
-    """Path of the sentinel file named on the command line.
-
-    ``"default"`` means the embedded default sentinel
-    (``sentinel_vllm/data/default.onnx``).
-
-    Raises
-    ------
-    ValueError
-        ``"default"`` while no default sentinel ships with this install.
-    """
-    if str(arg) == "default":
-        if not DEFAULT_SENTINEL.is_file():
-            raise ValueError(
-                "--sentinel default: no default sentinel is bundled with this version "
-                f"(expected {DEFAULT_SENTINEL}); train one with `sentinel-vllm train` "
-                "and pass its .onnx path"
-            )
-        return DEFAULT_SENTINEL
-    return Path(arg)
 
 
 def worker_series(scorer, env: str | None) -> str:
@@ -202,7 +178,7 @@ class SentinelScorer:
         """
         from sentinel_vllm.model import load_sentinel
 
-        sent = load_sentinel(str(resolve_sentinel_path(path)))
+        sent = load_sentinel(path)  # resolves "default"
         return cls(sent, vocab_size=vocab_size)
 
     @property
