@@ -16,18 +16,21 @@ JSONL (optionally ``.gz``), one JSON object per line::
 * Parquet files hold the same fields as columns (``entropy`` as a struct of
   lists); they are read with pyarrow.
 
-Reading a malformed record raises :class:`TraceFormatError` naming the file and
-line; with ``skip_bad=True`` such lines are skipped and counted instead.
+Reading a malformed record (invalid JSON or UTF-8, a missing key, a value of
+the wrong type, a negative or non-finite entropy) raises :class:`TraceFormatError`
+naming the file and line; with ``skip_bad=True`` such lines are skipped and
+counted instead. A file that cannot be decoded (not gzip, a truncated gzip, not
+Parquet) gives one such error after the records read before the damage.
 """
 
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import math
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
@@ -148,6 +151,8 @@ def _parse_record(obj, where: str) -> Trace:
     for key in ("id", "slice"):
         if key not in obj or obj[key] is None:
             raise TraceFormatError(f"{where}: missing required key {key!r}")
+        if isinstance(obj[key], (dict, list, bool)):
+            raise TraceFormatError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")
     correct = obj.get("correct")
     if correct is not None and not isinstance(correct, bool):
         if correct in (0, 1) and not isinstance(correct, float):
@@ -165,16 +170,19 @@ def _parse_record(obj, where: str) -> Trace:
             raise TraceFormatError(f"{where}: unknown entropy series {name!r}")
         if not isinstance(values, (list, tuple, np.ndarray)):
             raise TraceFormatError(f"{where}: series {name!r} must be a list of numbers")
+        if any(isinstance(v, (bool, str, bytes)) for v in values):
+            raise TraceFormatError(f"{where}: series {name!r} has a non-numeric value")
         try:
             vals = [float(v) for v in values]
-        except (TypeError, ValueError):
-            raise TraceFormatError(f"{where}: series {name!r} has a non-numeric value") from None
+        except (TypeError, ValueError, OverflowError):
+            raise TraceFormatError(f"{where}: series {name!r} has a non-numeric or out-of-range value") from None
         if not all(math.isfinite(v) and v >= -1e-6 for v in vals):
             raise TraceFormatError(f"{where}: series {name!r} has a negative or non-finite entropy")
         clean[name] = vals
     k = obj.get("k")
     if k is not None:
-        if isinstance(k, bool) or not isinstance(k, (int, float)) or int(k) != k or k < 1:
+        if (isinstance(k, bool) or not isinstance(k, (int, float))
+                or (isinstance(k, float) and not k.is_integer()) or k < 1):
             raise TraceFormatError(f"{where}: 'k' must be a positive integer, got {k!r}")
         k = int(k)
     if "topk" in clean and k is None:
@@ -183,29 +191,51 @@ def _parse_record(obj, where: str) -> Trace:
     return Trace(str(obj["id"]), str(obj["slice"]), correct, clean, k, extra)
 
 
-def _open_text(path: str):
-    if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _parse_line(raw: bytes, where: str):
+    """One JSONL line as a JSON value, or a :class:`TraceFormatError` naming ``where``."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return TraceFormatError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})")
+    except json.JSONDecodeError as exc:
+        return TraceFormatError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})")
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of > 4300 digits, deep nesting
+        return TraceFormatError(f"{where}: invalid JSON ({type(exc).__name__}: {exc})")
 
 
 def _iter_file(path: str) -> Iterator[tuple[str, object]]:
-    """Yield ``(where, record or exception)`` for each record of one file."""
+    """Yield ``(where, record or exception)`` for each record of one file.
+
+    A file that cannot be decoded (not gzip, truncated gzip, not Parquet) yields
+    one :class:`TraceFormatError` after the records read before the damage, and
+    stops.
+    """
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        for i, rec in enumerate(pq.read_table(path).to_pylist(), start=1):
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:  # noqa: BLE001 (pyarrow raises several types)
+            yield path, TraceFormatError(f"{path}: unreadable Parquet file ({exc})")
+            return
+        for i, rec in enumerate(rows, start=1):
             yield f"{path}: row {i}", rec
         return
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield where, TraceFormatError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})")
+    lineno = 0
+    try:
+        with _open_binary(path) as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                yield where, _parse_line(line, where)
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        where = f"{path}:{lineno + 1}"
+        yield where, TraceFormatError(f"{where}: unreadable file ({type(exc).__name__}: {exc})")
 
 
 def read_traces(

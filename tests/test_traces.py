@@ -67,6 +67,18 @@ def read_traces_from(rec):
     ('{"id": "x", "slice": "a", "entropy": {"topk": [1]}}', "needs 'k'"),
     ('{"id": "x", "slice": "a", "entropy": {"weird": [1]}}', "unknown entropy series"),
     ("[1, 2]", "must be a JSON object"),
+    # hostile values: none may escape as a bare Python error or pass silently
+    ('{"id": "x", "slice": "a", "entropy": {"full": [1' + "0" * 400 + ']}}', "out-of-range"),
+    ('{"id": "x", "slice": "a", "entropy": {"full": [1' + "0" * 5000 + ']}}', "invalid JSON"),
+    ("[" * 100000 + "]" * 100000, "invalid JSON"),
+    ('{"id": "x", "slice": "a", "k": Infinity, "entropy": {"full": [1]}}', "'k' must be"),
+    ('{"id": "x", "slice": "a", "k": NaN, "entropy": {"full": [1]}}', "'k' must be"),
+    ('{"id": "x", "slice": "a", "k": 2.5, "entropy": {"full": [1]}}', "'k' must be"),
+    ('{"id": "x", "slice": "a", "entropy": {"full": ["1.0"]}}', "non-numeric"),
+    ('{"id": "x", "slice": "a", "entropy": {"full": [true]}}', "non-numeric"),
+    ('{"id": "x", "slice": "a", "entropy": {"full": [NaN]}}', "negative or non-finite"),
+    ('{"id": ["x"], "slice": "a"}', "'id' must be a string"),
+    ('{"id": "x", "slice": {"a": 1}}', "'slice' must be a string"),
 ])
 def test_malformed_line_names_file_and_line(tmp_path, line, msg):
     p = tmp_path / "bad.jsonl.gz"
@@ -78,6 +90,30 @@ def test_malformed_line_names_file_and_line(tmp_path, line, msg):
     rep = ReadReport()
     assert len(read_traces(p, skip_bad=True, report=rep)) == 2
     assert rep.n_skipped == 1 and rep.n_read == 2 and f"{p}:2" in rep.skipped[0]
+
+
+def test_not_utf8_line_names_file_and_line(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(json.dumps(REC).encode() + b'\n{"id": "\xe9", "slice": "a"}\n')
+    with pytest.raises(TraceFormatError, match=f"{p}:2: not UTF-8"):
+        read_traces(p)
+    assert len(read_traces(p, skip_bad=True)) == 1
+
+
+@pytest.mark.parametrize("name,data,msg", [
+    ("plain.jsonl.gz", (json.dumps(REC) + "\n").encode(), "BadGzipFile"),
+    ("cut.jsonl.gz", gzip.compress(((json.dumps(REC) + "\n") * 200).encode())[:200], "EOFError"),
+    ("junk.parquet", b"\x00not parquet\x01" * 20, "unreadable Parquet file"),
+])
+def test_unreadable_file_is_a_trace_format_error(tmp_path, name, data, msg):
+    p = tmp_path / name
+    p.write_bytes(data)
+    with pytest.raises(TraceFormatError) as e:
+        read_traces(p)
+    assert str(p) in str(e.value) and msg in str(e.value)
+    rep = ReadReport()
+    read_traces(p, skip_bad=True, report=rep)  # counted, never a bare OSError/EOFError
+    assert rep.n_skipped == 1 and str(p) in rep.skipped[0]
 
 
 def test_missing_file():
