@@ -131,12 +131,34 @@ class GatherResult:
     trajectories: dict | None = None
 
 
-def _as_index(x, device) -> torch.Tensor:
+def _as_index(x, device, num_slots: int) -> torch.Tensor:
+    """Slot indices as a LongTensor on ``device``.
+
+    Integers only (a float or bool index is refused, not truncated or read as
+    a mask), each in ``0..num_slots-1``: a negative index would silently wrap
+    onto another slot. The range is checked for host-side input (lists, ints,
+    CPU tensors); a device tensor is not read back (no host synchronisation).
+
+    Raises
+    ------
+    ValueError
+        On a non-integer index or one outside ``0..num_slots-1``.
+    """
     if isinstance(x, torch.Tensor):
-        return x.to(device=device, dtype=torch.long).reshape(-1)
-    if isinstance(x, (int, np.integer)):
-        x = [int(x)]
-    return torch.as_tensor(list(x), dtype=torch.long, device=device).reshape(-1)
+        if x.dtype == torch.bool or x.dtype.is_floating_point or x.dtype.is_complex:
+            raise ValueError(f"slot indices must be integers, got a {x.dtype} tensor")
+        host = x.reshape(-1).numpy() if x.device.type == "cpu" else None
+    else:
+        host = np.asarray([x] if isinstance(x, (int, np.integer)) else list(x))
+        if host.size == 0:
+            host = host.astype(np.int64)
+        if host.dtype.kind not in "iu":
+            raise ValueError(f"slot indices must be integers, got {host.dtype} values")
+        x = torch.as_tensor(host.astype(np.int64))
+    if host is not None and host.size and (host.min() < 0 or host.max() >= num_slots):
+        bad = host[(host < 0) | (host >= num_slots)]
+        raise ValueError(f"slot indices must lie in 0..{num_slots - 1}, got {bad[:5].tolist()}")
+    return x.to(device=device, dtype=torch.long).reshape(-1)
 
 
 def _gather_packed(buf: torch.Tensor, count: torch.Tensor, nan_count: torch.Tensor,
@@ -261,8 +283,13 @@ class SlotState:
         self.buf.index_put_(idx, torch.where(write[:, None], vals, old))
 
     def reset(self, slots) -> None:
-        """Empty ``slots`` (list of int, int or LongTensor)."""
-        s = _as_index(slots, self.device)
+        """Empty ``slots`` (list of int, int or LongTensor, each in ``0..num_slots-1``).
+
+        ``reset``, ``move``, ``swap`` and ``gather`` raise ``ValueError`` for a
+        float/bool index or a host-side one out of range (a negative index would
+        wrap onto another slot).
+        """
+        s = _as_index(slots, self.device, self.num_slots)
         if self.device.type == "cpu":  # torch's CPU index_fill_ crawls on long rows
             idx = s.numpy()
             self.buf.numpy()[idx] = np.nan
@@ -275,7 +302,8 @@ class SlotState:
 
     def move(self, src, dst) -> None:
         """Copy the state of ``src`` into ``dst`` (``src`` unchanged); all pairs at once."""
-        s, d = _as_index(src, self.device), _as_index(dst, self.device)
+        s = _as_index(src, self.device, self.num_slots)
+        d = _as_index(dst, self.device, self.num_slots)
         if s.shape != d.shape:
             raise ValueError("src and dst must have the same length")
         for t in (self.buf, self.count, self.nan_count):
@@ -287,7 +315,8 @@ class SlotState:
 
     def swap(self, a, b) -> None:
         """Exchange the states of slots ``a`` and ``b`` (int or LongTensor pairs)."""
-        a, b = _as_index(a, self.device), _as_index(b, self.device)
+        a = _as_index(a, self.device, self.num_slots)
+        b = _as_index(b, self.device, self.num_slots)
         if a.shape != b.shape:
             raise ValueError("a and b must have the same length")
         self.move(torch.cat([a, b]), torch.cat([b, a]))
@@ -305,7 +334,7 @@ class SlotState:
         -------
         GatherResult
         """
-        s = _as_index(slots, self.device)
+        s = _as_index(slots, self.device, self.num_slots)
         n, n_ser, m = s.shape[0], len(self.series), self.max_steps
         if self.device.type == "cpu":  # no copy needed: read the buffer in place
             idx = s.numpy()

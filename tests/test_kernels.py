@@ -415,6 +415,30 @@ def test_packed_gather_route_round_trips_counters():
     np.testing.assert_array_equal(data, st.buf.numpy()[[2, 1]])
 
 
+@pytest.mark.parametrize("op", [
+    lambda st: st.reset([-1]),
+    lambda st: st.reset(torch.tensor([4])),
+    lambda st: st.reset([1.5]),
+    lambda st: st.reset(torch.tensor([True, False, False, False])),
+    lambda st: st.move([-1], [0]),
+    lambda st: st.move([0], [-1]),
+    lambda st: st.move(torch.tensor([0]), torch.tensor([0.0])),
+    lambda st: st.swap([-1], [0]),
+    lambda st: st.gather([-1]),
+    lambda st: st.gather(torch.tensor([7])),
+])
+def test_bad_slot_indices_raise_and_leave_every_slot_intact(op):
+    # A negative index used to wrap onto the last slot (reset/move/swap/gather
+    # on CPU), a float was truncated and a bool mask read as indices 0/1.
+    st = SlotState(4, 8, series=("full", "top5"))
+    st.record(torch.randn(4, 50), torch.arange(4), torch.arange(4))
+    before = [t.clone() for t in (st.buf, st.count, st.nan_count)]
+    with pytest.raises(ValueError, match="slot indices"):
+        op(st)
+    for b, a in zip(before, (st.buf, st.count, st.nan_count)):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
+
+
 def test_record_length_mismatch_raises():
     st = SlotState(2, 4)
     with pytest.raises(ValueError, match="same length"):
