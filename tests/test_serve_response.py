@@ -33,9 +33,20 @@ def test_opt_out_removes_every_sentinel_key():
 
 
 def test_no_xargs_gets_id_and_bad_n_means_one():
-    new, opts = prepare_request({"messages": [], "n": "3"}, "snt-2")
-    assert new["vllm_xargs"] == {"sentinel_id": "snt-2", "sentinel_n": 1}
-    assert opts.n == 1
+    for bad in ("three", 0, -2, 2.5, None, [2], {"n": 2}):
+        new, opts = prepare_request({"messages": [], "n": bad}, "snt-2")
+        assert new["vllm_xargs"] == {"sentinel_id": "snt-2", "sentinel_n": 1}
+        assert opts.n == 1 and new["n"] == bad  # left for vLLM to reject
+
+
+def test_n_read_as_vllm_reads_it():
+    # vLLM's pydantic request model reads "3" and 3.0 as n = 3 (lax mode); the
+    # sentinel used to count them as n = 1, so both samples collided on child 0
+    # and the response got one top-level block for several choices.
+    for raw in ("3", 3.0, 3):
+        new, opts = prepare_request({"messages": [], "n": raw}, "snt-2")
+        assert new["vllm_xargs"] == {"sentinel_id": "snt-2", "sentinel_n": 3}
+        assert opts.n == 3 and new["n"] == 3 and type(new["n"]) is int
 
 
 def test_new_ids_are_unique():

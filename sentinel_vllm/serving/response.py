@@ -80,7 +80,8 @@ def prepare_request(body: dict, sentinel_id: str) -> tuple[dict, SentinelOptions
         ``sentinel_id`` and ``sentinel_n`` (unless the client sent
         ``sentinel: false``) and none of the client's sentinel keys
         (``sentinel_id``, ``sentinel_slice``, ``sentinel``, ``sentinel_child``,
-        ``sentinel_n``); and the options.
+        ``sentinel_n``), with ``n`` written as a JSON integer when the client
+        sent one vLLM coerces (``"3"``, ``3.0``); and the options.
     """
     body = dict(body)
     xargs = body.get("vllm_xargs")
@@ -92,8 +93,11 @@ def prepare_request(body: dict, sentinel_id: str) -> tuple[dict, SentinelOptions
         "off",
     )
     slice_label = client.get("sentinel_slice")
-    n = body.get("n")
-    n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+    n = _requested_n(body.get("n"))
+    if n is None:
+        n = 1  # absent or invalid (vLLM rejects an invalid n itself)
+    elif body.get("n") != n or type(body.get("n")) is not int:
+        body["n"] = n  # "3" or 3.0: vLLM's pydantic model would read 3; make that explicit
     if not opt_out:
         xargs["sentinel_id"] = sentinel_id
         xargs["sentinel_n"] = n  # the worker's child bookkeeping (serving/identity.py)
@@ -103,6 +107,26 @@ def prepare_request(body: dict, sentinel_id: str) -> tuple[dict, SentinelOptions
         body.pop("vllm_xargs", None)
     opts = SentinelOptions(None if opt_out else sentinel_id, slice_label, n, body.get("stream") is True)
     return body, opts
+
+
+def _requested_n(raw) -> int | None:
+    """``n`` as vLLM's request model (pydantic, lax mode) reads it, or None.
+
+    vLLM accepts ``"3"`` and ``3.0`` as ``n = 3`` and ``true`` as 1; the
+    sentinel's choice bookkeeping (``sentinel_n``, blocks per choice) must
+    agree with the number of choices vLLM will really generate.
+    """
+    if raw is None:
+        return None
+    try:
+        from pydantic import TypeAdapter
+
+        n = TypeAdapter(int).validate_python(raw)
+    except ImportError:  # no pydantic (no vLLM server either): JSON integers only
+        n = raw if isinstance(raw, int) else None
+    except Exception:  # noqa: BLE001 (pydantic.ValidationError: not an integer)
+        return None
+    return int(n) if n is not None and n > 0 else None
 
 
 def attach_blocks(response: dict, blocks: dict[int, dict], n: int) -> dict:
