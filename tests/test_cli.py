@@ -66,6 +66,25 @@ def test_sentinel_refuses_mismatched_series(trace_file, tmp_path, capsys):
     assert "lack the full entropy series" in capsys.readouterr().err
 
 
+def test_estimate_json_is_strict_json_when_values_are_undefined(trace_file, tmp_path, capsys):
+    # Unlabelled traffic: AEE and Spearman rho are undefined. They used to be
+    # printed as the bare token NaN, which strict JSON parsers (jq, JS) refuse.
+    onnx_path = tmp_path / "s.onnx"
+    assert main(["train", trace_file, "--out", str(onnx_path)]) == 0
+    unlab = tmp_path / "unlabelled.jsonl"
+    write_traces(unlab, [{**r, "correct": None} for r in make_traces(5, seed=3)])
+    capsys.readouterr()
+    assert main(["estimate", str(onnx_path), str(unlab), "--json"]) == 0
+    out = capsys.readouterr().out
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    est = json.loads(out, parse_constant=refuse)
+    assert est["median_aee"] is None and est["spearman_rho"] is None and est["n_slices"] == 0
+    assert all(s["true"] is None and s["estimate"] is not None for s in est["slices"].values())
+
+
 def test_malformed_trace_names_file_and_line(tmp_path, capsys):
     p = tmp_path / "bad.jsonl"
     good = json.dumps(make_traces(1, seed=0)[0])

@@ -14,8 +14,18 @@ def add_parser(sub):
     p = sub.add_parser("estimate", help="estimate per-slice accuracy", epilog=EPILOG)
     p.add_argument("sentinel", help="sentinel .onnx file (or 'default')")
     _common.add_trace_args(p, entropy=False)
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON instead of a table (undefined values, e.g. rho of one slice, are null)")
     return p
+
+
+def _nan_to_null(v):
+    """``v`` with every NaN float replaced by None (strict JSON has no NaN)."""
+    if isinstance(v, dict):
+        return {k: _nan_to_null(x) for k, x in v.items()}
+    if isinstance(v, float) and v != v:
+        return None
+    return v
 
 
 def run(args) -> int:
@@ -27,8 +37,8 @@ def run(args) -> int:
     est = estimate_slices([t.slice for t in traces], p, [t.correct for t in traces])
     summ = summary(est)
     if args.json:
-        print(json.dumps({"sentinel": sent.id, "slices": {s: e.as_dict() for s, e in est.items()},
-                          **summ}, indent=2))
+        doc = {"sentinel": sent.id, "slices": {s: e.as_dict() for s, e in est.items()}, **summ}
+        print(json.dumps(_nan_to_null(doc), indent=2, allow_nan=False))
         return 0
     rows = [[s, e.n, e.estimate, e.ci_low, e.ci_high, e.true, e.aee] for s, e in est.items()]
     print(_common.markdown_table(COLUMNS, rows))
