@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from sentinel_vllm.cli import _common
 
@@ -23,7 +24,7 @@ def _nan_to_null(v):
     """``v`` with every NaN float replaced by None (strict JSON has no NaN)."""
     if isinstance(v, dict):
         return {k: _nan_to_null(x) for k, x in v.items()}
-    if isinstance(v, float) and v != v:
+    if isinstance(v, float) and math.isnan(v):
         return None
     return v
 
