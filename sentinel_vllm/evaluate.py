@@ -244,13 +244,30 @@ def sweep(traces: Sequence[Trace], *, max_size: int = 2, **kwargs) -> list[Compo
     Returns
     -------
     list[CompositionResult]
-        Sorted by median AEE over all slices, best first.
+        Sorted by median AEE over all slices, best first. Compositions that
+        cannot be trained (one class only, too few of the minority class) are
+        skipped with a warning naming them.
+
+    Raises
+    ------
+    ValueError
+        If no composition can be trained.
     """
+    import warnings
+
     names = list(dict.fromkeys(t.slice for t in _labelled(traces)))
-    results = []
+    results, skipped = [], []
     for r in range(1, max_size + 1):
         for comp in itertools.combinations(names, r):
-            results.append(evaluate_composition(traces, comp, **kwargs))
+            try:
+                results.append(evaluate_composition(traces, comp, **kwargs))
+            except ValueError as exc:
+                skipped.append(f"{'+'.join(comp)} ({exc})")
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} composition(s) that cannot be trained: "
+                      + "; ".join(skipped), stacklevel=2)
+    if not results:
+        raise ValueError("no composition can be trained: " + "; ".join(skipped))
     return sorted(results, key=lambda c: (np.nan_to_num(c.summary["median_aee"], nan=9.0)))
 
 

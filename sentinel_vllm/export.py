@@ -195,14 +195,23 @@ class Sentinel:
         X = self._check_X(X)
         if len(X) == 0:
             return np.zeros((0, 2))
-        return self._session.run([OUTPUT_PROBA], {INPUT_NAME: X})[0]
+        return self._check_p(self._session.run([OUTPUT_PROBA], {INPUT_NAME: X})[0])
 
     def p_correct(self, X) -> np.ndarray:
         """P(correct) per row: ndarray of float64, shape (n,). See :meth:`predict_proba`."""
         X = self._check_X(X)
         if len(X) == 0:
             return np.zeros(0)
-        return self._session.run([OUTPUT_P], {INPUT_NAME: X})[0]
+        return self._check_p(self._session.run([OUTPUT_P], {INPUT_NAME: X})[0])
+
+    def _check_p(self, p: np.ndarray) -> np.ndarray:
+        """Refuse graph outputs that are not probabilities (a crafted or broken file)."""
+        if not (np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()):
+            raise SentinelFileError(
+                f"sentinel {self.id} ({self.path}) returned values outside [0, 1]; "
+                "the file is not a valid sentinel"
+            )
+        return p
 
     def check_compatible(self, feature_names: Sequence[str], entropy: str, k: int | None = None):
         """Refuse features or an entropy series the sentinel was not trained on.

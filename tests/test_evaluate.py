@@ -46,3 +46,17 @@ def test_composition_tracks_true_accuracy():
     assert res.ece < 0.1 and 0.1 < res.brier < 0.25
     with pytest.raises(ValueError, match="not in the traces"):
         evaluate_composition(traces, ["nope"])
+
+
+def test_sweep_skips_untrainable_compositions():
+    from sentinel_vllm.evaluate import sweep
+
+    recs = make_traces(60, seed=3, slices={"easy": (8.0, 2.0), "hard": (2.0, 7.0)})
+    recs += [{"id": f"perfect/{i}", "slice": "perfect", "correct": True,
+              "entropy": {"full": [0.1, 0.2 + i * 1e-3]}} for i in range(30)]
+    traces = [_parse_record(r, "syn") for r in recs]
+    with pytest.warns(UserWarning, match=r"skipped 1 composition.*perfect \("):
+        res = sweep(traces, classifier_params={"n_estimators": 20, "max_depth_grid": (3,),
+                                               "min_samples_split_grid": (2,)})
+    assert sorted("+".join(r.train_slices) for r in res) == [
+        "easy", "easy+hard", "easy+perfect", "hard", "hard+perfect"]

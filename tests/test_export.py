@@ -309,3 +309,19 @@ def test_nothing_in_the_package_loads_pickle_or_joblib():
     for src in ("import pickle", "from joblib import load", "x = joblib.load(p)",
                 "np.load(f, allow_pickle=True)", "torch.load(path)"):
         assert PICKLE_LOADERS.search(src), src
+
+
+def test_outputs_outside_unit_interval_are_refused():
+    from sentinel_vllm.export import Sentinel, SentinelFileError
+
+    class FakeSession:
+        def run(self, names, feeds):
+            n = len(feeds["features"])
+            return [np.full((n, 2), 14.5)] if names == ["probabilities"] else [np.full(n, 14.5)]
+
+    meta = {"feature_names": list(FEATURE_NAMES), "entropy": "full", "k": None}
+    sent = Sentinel(FakeSession(), meta, "sentinel-fake", "fake.onnx")
+    with pytest.raises(SentinelFileError, match="outside \\[0, 1\\]"):
+        sent.p_correct(np.ones((2, 11)))
+    with pytest.raises(SentinelFileError, match="outside \\[0, 1\\]"):
+        sent.predict_proba(np.ones((2, 11)))
