@@ -4,7 +4,8 @@ Generation runs through the SAME logits processor and worker extension that
 serving uses (:mod:`sentinel_vllm.serving`), so training features and serving
 features come from one code path. Per response we record the per-step
 full-vocabulary entropy and the top-k entropy for several k (series ``full``,
-``topk`` with ``k = 20``, ``top1``, ``top5``, ``top10``, ``top50`` ...), the
+``topk`` with ``k = 20``, ``top1``, ``top5``, ``top10``, ``top50`` ..., and the
+renormalised ``top{k}_renorm``), the
 sampled token's logprob per step, the grade, and the generation settings.
 
 Prompting (the paper's setting, arXiv 2601.09001 Sec. 4.1): the model's chat
@@ -83,7 +84,8 @@ def _trace_id(spec: BenchmarkSpec, problem) -> str:
 
 
 def _series_names(ks: Sequence[int]) -> list[str]:
-    return ["full", *[f"top{k}" for k in ks]]
+    """Series recorded per step: full, the paper's top-k and the renormalised top-k for each k."""
+    return ["full", *[f"top{k}" for k in ks], *[f"top{k}_renorm" for k in ks]]
 
 
 def build_llm(model: str, *, ks: Sequence[int] = DEFAULT_KS, max_model_len: int = 2048,
