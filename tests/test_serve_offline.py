@@ -14,7 +14,7 @@ pytest.importorskip("vllm")
 from sentinel_vllm.features import compute_features  # noqa: E402
 from serving_helpers import make_tiny_sentinel, reference_p  # noqa: E402
 
-MODEL = Path(os.environ.get("SENTINEL_CACHE", Path.home() / ".cache" / "sentinel-vllm")) / "models" / "smollm2-135m-instruct"
+MODEL = Path(os.environ.get("SENTINEL_VLLM_CACHE") or Path.home() / ".cache" / "sentinel-vllm") / "models" / "smollm2-135m-instruct"
 if not (MODEL / "config.json").is_file():
     pytest.skip(f"no SmolLM2 folder at {MODEL}", allow_module_level=True)
 

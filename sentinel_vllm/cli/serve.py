@@ -162,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg, scorer = build_config(ns)
-        args = vllm_argv(ns.model, rest)
+        from sentinel_vllm.models import resolve_model
+
+        # short names (smollm2-135m, qwen2.5-coder-0.5b) become their prepared folder
+        args = vllm_argv(resolve_model(ns.model), rest)
         series = worker_series(scorer, os.environ.get("SENTINEL_SERIES"))
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         print(f"sentinel-vllm serve: error: {exc}", file=sys.stderr)
         return 2
     from sentinel_vllm.serving.server import CONFIG_ENV
