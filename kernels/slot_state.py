@@ -211,6 +211,7 @@ class SlotState:
         self.buf = torch.full((num_slots, n_ser, max_steps), float("nan"), device=self.device)
         self.count = torch.zeros(num_slots, dtype=torch.long, device=self.device)
         self.nan_count = torch.zeros(num_slots, dtype=torch.long, device=self.device)
+        self._ser = torch.arange(n_ser, device=self.device)  # series index of each write, built once
 
     @staticmethod
     def memory_bytes(num_slots: int, max_steps: int, n_series: int) -> int:
@@ -277,8 +278,7 @@ class SlotState:
             self.count.index_copy_(0, slots, new_count)
         pos_c = pos.clamp(0, self.max_steps - 1)
         n_ser = len(self.series)
-        ser = torch.arange(n_ser, device=self.buf.device)
-        idx = (slots[:, None], ser[None, :], pos_c[:, None].expand(-1, n_ser))
+        idx = (slots[:, None], self._ser[None, :], pos_c[:, None].expand(-1, n_ser))
         old = self.buf[idx]
         self.buf.index_put_(idx, torch.where(write[:, None], vals, old))
 
