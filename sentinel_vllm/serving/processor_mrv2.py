@@ -153,12 +153,9 @@ class SentinelLogitsProcessorMRV2(LogitsProcessor):
             if rows.size == 0:
                 return
         pos = seq - self.req_states.prompt_len.np[reqs].astype(np.int64)
-        self.tracker.state.record(
-            logits,
-            self._to_device(rows),
-            self._to_device(self._slot_np[reqs]),
-            self._to_device(pos),
-        )
+        # rows, slots, positions in one host->device copy
+        packed = self._to_device(np.stack([rows, self._slot_np[reqs], pos]))
+        self.tracker.state.record(logits, packed[0], packed[1], packed[2])
 
     def _record_device(self, logits, ctx) -> None:
         if self._slot_dev is None or self._dirty:
