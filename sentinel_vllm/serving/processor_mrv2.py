@@ -166,13 +166,12 @@ class SentinelLogitsProcessorMRV2(LogitsProcessor):
         nxt = ctx.pos.long() + 1
         valid = (slot >= 0) & (nxt >= self.req_states.prefill_len.gpu[req].long())
         pos = nxt - self.req_states.prompt_len.gpu[req].long()
-        scratch = torch.full_like(slot, self.tracker.scratch_slot)
         rows = torch.arange(logits.shape[0], device=logits.device)
         self.tracker.state.record(
             logits,
             rows,
-            torch.where(valid, slot, scratch),
-            torch.where(valid, pos, torch.zeros_like(pos)),
+            torch.where(valid, slot, self.tracker.scratch_slot),
+            torch.where(valid, pos, 0),
         )
 
     def _to_device(self, values) -> torch.Tensor:
