@@ -28,6 +28,7 @@ import numpy as np
 
 from sentinel_vllm.export import DEFAULT_SENTINEL, resolve_sentinel_path
 from sentinel_vllm.features import FEATURE_NAMES
+from sentinel_vllm.serving.tracker import DEFAULT_SERIES
 
 __all__ = [
     "SentinelScorer",
@@ -95,7 +96,7 @@ def worker_series(scorer, env: str | None) -> str:
             raise ValueError(f"SENTINEL_SERIES={env!r} does not record {scorer.series!r}, the "
                              f"series sentinel {scorer.id} scores")
         return ",".join(have)
-    series = ["full", "top20"]
+    series = list(DEFAULT_SERIES)
     if scorer.series not in series:
         series.append(scorer.series)
     return ",".join(series)
