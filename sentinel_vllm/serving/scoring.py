@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sentinel_vllm.export import DEFAULT_SENTINEL, resolve_sentinel_path
+from sentinel_vllm.export import DEFAULT_SENTINEL, normalise_entropy, resolve_sentinel_path
 from sentinel_vllm.features import FEATURE_NAMES
 from sentinel_vllm.serving.tracker import DEFAULT_SERIES
 
@@ -62,8 +62,6 @@ def series_name(entropy: str, k: int | None) -> str:
     ValueError
         ``"topk"``/``"topk_renorm"`` without a positive ``k``.
     """
-    from sentinel_vllm.export import normalise_entropy
-
     kind, kk = normalise_entropy(entropy, k)
     if kind == "full":
         return "full"
@@ -160,8 +158,6 @@ class SentinelScorer:
             )
         self.sentinel = sentinel
         self.id = str(getattr(sentinel, "id", "sentinel-unknown"))
-        from sentinel_vllm.export import normalise_entropy
-
         self.entropy, self.k = normalise_entropy(str(meta.get("entropy", "full")), meta.get("k"))
         self.series = series_name(self.entropy, self.k)
         self.vocab_size = vocab_size
