@@ -335,7 +335,7 @@ class SlotState:
         GatherResult
         """
         s = _as_index(slots, self.device, self.num_slots)
-        n, n_ser, m = s.shape[0], len(self.series), self.max_steps
+        n, m = s.shape[0], self.max_steps
         if self.device.type == "cpu":  # no copy needed: read the buffer in place
             idx = s.numpy()
             count, nan_app = self.count.numpy()[idx], self.nan_count.numpy()[idx]
