@@ -45,7 +45,6 @@ bytes) and computes the statistics on the host.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -53,13 +52,11 @@ import numpy as np
 import torch
 
 from sentinel_vllm.features import compute_features_batch
+from sentinel_vllm.traces import series_key
 
 from .step import KMAX_LIMIT, entropy_step
 
 __all__ = ["SlotState", "GatherResult", "parse_series"]
-
-_SERIES = re.compile(r"^(full|top(\d+)(_renorm)?)$")
-
 
 def parse_series(series: Sequence[str]) -> tuple[tuple[int, ...], list[tuple[str, int]]]:
     """Parse series names into the ks to compute and a column map.
@@ -85,18 +82,22 @@ def parse_series(series: Sequence[str]) -> tuple[tuple[int, ...], list[tuple[str
         raise ValueError(f"series must be non-empty and distinct, got {list(series)}")
     parsed = []
     for name in series:
-        mt = _SERIES.match(name)
-        if mt is None:
+        # the one grammar of series names (sentinel_vllm.traces); the device
+        # state needs an explicit k, so the bare "topk"/"topk_renorm" are refused
+        try:
+            kind, k = series_key(name)
+        except ValueError:
+            kind, k = None, None
+        if kind == "full":
+            parsed.append(("full", 0))
+            continue
+        if k is None:
             raise ValueError(
                 f"unknown series {name!r}: use 'full', 'top{{k}}' or 'top{{k}}_renorm'"
             )
-        if mt.group(1) == "full":
-            parsed.append(("full", 0))
-            continue
-        k = int(mt.group(2))
         if not 1 <= k <= KMAX_LIMIT:
             raise ValueError(f"series {name!r}: k must lie in 1..{KMAX_LIMIT}")
-        parsed.append(("renorm" if mt.group(3) else "topk", k))
+        parsed.append(("renorm" if kind == "topk_renorm" else "topk", k))
     ks = tuple(sorted({k for kind, k in parsed if kind != "full"}))
     cols = [(kind, ks.index(k) if kind != "full" else 0) for kind, k in parsed]
     return ks, cols
