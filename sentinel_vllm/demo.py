@@ -21,18 +21,22 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["run_demo", "start_server", "chat"]
+__all__ = ["run_demo", "start_server", "stop_server", "free_port", "chat"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def start_server(model: str, sentinel: str, port: int, log_path: str, *, max_model_len: int = 2048,
-                 extra: list[str] | None = None, timeout_s: float = 600.0) -> subprocess.Popen:
+                 gpu_memory_utilization: float = 0.25, extra: list[str] | None = None,
+                 timeout_s: float = 600.0) -> subprocess.Popen:
     """Start ``sentinel-vllm serve`` and wait until ``/health`` answers.
+
+    Stop it with :func:`stop_server`. ``extra`` holds more ``serve`` options.
 
     Raises
     ------
@@ -42,9 +46,9 @@ def start_server(model: str, sentinel: str, port: int, log_path: str, *, max_mod
     """
     cmd = [sys.executable, "-m", "sentinel_vllm", "serve", model, "--sentinel", sentinel,
            "--port", str(port), "--host", "127.0.0.1", "--max-model-len", str(max_model_len),
-           "--gpu-memory-utilization", "0.25", *(extra or [])]
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+           "--gpu-memory-utilization", str(gpu_memory_utilization), *(extra or [])]
+    with open(log_path, "wb") as log:  # the child keeps its own handle
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -56,10 +60,20 @@ def start_server(model: str, sentinel: str, port: int, log_path: str, *, max_mod
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(2)
-    proc.terminate()
+    stop_server(proc)
     with open(log_path, "rb") as fh:
         tail = fh.read()[-3000:].decode(errors="replace")
     raise RuntimeError(f"server did not become healthy (exit code {proc.poll()}); log tail:\n{tail}")
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """Terminate a server from :func:`start_server`; kill it if it outlives ``timeout_s`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def chat(port: int, model: str, question: str, slice_label: str, max_tokens: int) -> dict:
@@ -99,7 +113,7 @@ def run_demo(model_name: str, sentinel: str, benchmarks: list[str], n: int, *, m
     specs = parse_benchmarks(",".join(benchmarks))
     problems = [(s, p) for s in specs
                 for p in load_benchmark(s.name, n=n, seed=seed, difficulty=s.difficulty)]
-    port = _free_port()
+    port = free_port()
     log_path = os.path.join(tempfile.gettempdir(), f"sentinel-demo-{port}.log")
     print(f"starting sentinel-vllm serve {model_name} --sentinel {sentinel} (log: {log_path})",
           file=out, flush=True)
@@ -114,11 +128,7 @@ def run_demo(model_name: str, sentinel: str, benchmarks: list[str], n: int, *, m
             metrics = [ln for ln in r.read().decode().splitlines()
                        if ln.startswith("sentinel_") and "estimated_accuracy" in ln]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     print(f"\n{len(resps)} requests in {dt:.0f} s\n", file=out)
     print(f"{'request':28s} {'slice':10s} {'tokens':>6s} {'p_correct':>9s}  graded", file=out)
     slices, ps, truth = [], [], []

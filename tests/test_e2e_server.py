@@ -14,9 +14,6 @@ a scoring failure at run time still serves the response with an error field.
 import asyncio
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +25,7 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("vllm")
 httpx = pytest.importorskip("httpx")
 
+from sentinel_vllm.demo import free_port, start_server, stop_server  # noqa: E402
 from sentinel_vllm.features import FEATURE_NAMES, compute_features  # noqa: E402
 from serving_helpers import make_tiny_sentinel  # noqa: E402
 
@@ -39,48 +37,24 @@ if not (MODEL / "config.json").is_file():
 START_TIMEOUT_S = 600
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     sentinel = tmp / "s.onnx"
     sid = make_tiny_sentinel(sentinel)[0]
-    port = _free_port()
-    log = open(tmp / "server.log", "w")
-    cmd = [sys.executable, "-m", "sentinel_vllm", "serve", str(MODEL), "--sentinel", str(sentinel),
-           "--port", str(port), "--max-model-len", "1024", "--max-logprobs", "-1",
-           "--gpu-memory-utilization", os.environ.get("SENTINEL_E2E_MEM", "0.15"),
-           "--sentinel-slices", "a,b", "--sentinel-return-trajectory",
-           "--sentinel-fault-injection", "--sentinel-replica", "e2e"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    port = free_port()
+    extra = ["--max-logprobs", "-1", "--sentinel-slices", "a,b", "--sentinel-return-trajectory",
+             "--sentinel-fault-injection", "--sentinel-replica", "e2e"]
     try:
-        t0 = time.monotonic()
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{_tail(tmp / 'server.log')}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - t0 > START_TIMEOUT_S:
-                pytest.fail(f"server not up after {START_TIMEOUT_S} s:\n{_tail(tmp / 'server.log')}")
-            time.sleep(2)
-        yield {"base": base, "sentinel_id": sid, "log": tmp / "server.log"}
+        proc = start_server(str(MODEL), str(sentinel), port, str(tmp / "server.log"),
+                            max_model_len=1024, extra=extra, timeout_s=START_TIMEOUT_S,
+                            gpu_memory_utilization=float(os.environ.get("SENTINEL_E2E_MEM", "0.15")))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield {"base": f"http://127.0.0.1:{port}", "sentinel_id": sid, "log": tmp / "server.log"}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop_server(proc)
 
 
 def _tail(path, n=40):
