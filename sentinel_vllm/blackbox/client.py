@@ -1,0 +1,410 @@
+"""Client helper: entropy trajectory, features and ``sentinel`` block from ``top_logprobs``.
+
+Input: an OpenAI-compatible chat or completions response that carries
+``top_logprobs`` (``logprobs: true, top_logprobs: 20`` for chat, ``logprobs: 20``
+for completions), as a JSON body (dict, str or bytes), an ``openai`` SDK object
+(anything with ``model_dump()``), or the list of streamed chunks (dicts, SSE
+``data:`` payloads or SDK chunk objects) of one stream.
+
+Per step the entropy is the paper's top-k entropy computed by the one
+definition, :func:`sentinel_vllm.entropy.entropy_from_top_logprobs` (full-softmax
+probabilities of the k largest alternatives, not renormalised; nats). The 11
+statistics are :func:`sentinel_vllm.features.compute_features`, and the block is
+built by the in-engine scorer (:class:`~sentinel_vllm.serving.api.scoring.SentinelScorer`),
+so it has the same keys: ``p_correct, features, entropy, k, n_steps, model, slice``.
+
+Rules
+-----
+* **Fewer than k alternatives at a step** (a provider caps ``top_logprobs``, some
+  at 5; or a completions response keyed alternatives by decoded text and two
+  collided): ``short_steps="refuse"`` (default) gives an error block
+  (``reason: "missing_series"``) / raises :class:`TooFewAlternativesError`;
+  ``short_steps="effective"`` scores with what each step has and says so in the
+  block: ``"effective_k"`` (the fewest alternatives at any step) and
+  ``"short_steps"`` (how many steps had fewer than k). A step with no
+  alternative at all is always refused.
+* **Sentinel trained at another k**: a sentinel of entropy ``topk`` (or
+  ``topk_renorm``) with ``k = 20`` scores top-20 entropy. Asking for another k
+  raises :class:`~sentinel_vllm.sentinel_file.SentinelFileError` unless
+  ``allow_k_mismatch=True``; the block then reports the k used as ``"k"`` and the
+  sentinel's as ``"sentinel_k"``. More alternatives than k are fine: the k
+  largest are the top-k exactly. A full-vocabulary sentinel is refused: a
+  response's ``top_logprobs`` cannot give the full entropy.
+* **Colliding decoded text**: alternatives are taken from the response's list
+  (chat: ``logprobs.content[t].top_logprobs``, a list) as distinct entries, even
+  when two tokens decode to the same text. Completions responses key the
+  alternatives by decoded text in a JSON object, so colliding tokens are merged by
+  the server before we see them; such a step has fewer than k alternatives and the
+  rule above applies.
+* **The sampled token** is not an alternative unless it is among the top ones
+  (top-k is strictly the k largest). vLLM's chat endpoint lists the sampled token
+  FIRST and then cuts the list at ``top_logprobs``: when the sampled token lies
+  outside the top k, the k-th largest alternative is dropped. Greedy decoding never
+  hits this; for sampled traffic ask for ``top_logprobs = k + 1`` when the server
+  allows it (vLLM ``--max-logprobs 21``), the k largest are then exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from sentinel_vllm.entropy import entropy_from_top_logprobs
+from sentinel_vllm.features import FEATURE_NAMES, compute_features
+
+__all__ = [
+    "ChoiceLogprobs",
+    "Trajectory",
+    "MissingLogprobsError",
+    "TooFewAlternativesError",
+    "as_dict",
+    "extract_choices",
+    "trajectory",
+    "trajectories",
+    "TopLogprobsScorer",
+    "score_response",
+    "SHORT_STEPS_POLICIES",
+]
+
+SHORT_STEPS_POLICIES = ("refuse", "effective")
+_MISSING = "missing_series"  # metrics error reason (closed set in serving metrics)
+
+
+class MissingLogprobsError(ValueError):
+    """A choice carries no ``logprobs`` (the request did not ask, or the server ignored it)."""
+
+
+class TooFewAlternativesError(ValueError):
+    """A step has fewer than k alternatives and ``short_steps="refuse"``."""
+
+
+@dataclass
+class ChoiceLogprobs:
+    """The alternatives of one choice, step by step.
+
+    Attributes
+    ----------
+    index : int
+        The choice's ``index``.
+    steps : list of list of float
+        Per generated token, the logprobs (nats, full softmax) of the alternatives
+        the response lists, every entry kept.
+    present : bool
+        False if no ``logprobs`` object was seen for this choice.
+    finish_reason : str or None
+    """
+
+    index: int
+    steps: list[list[float]] = field(default_factory=list)
+    present: bool = False
+    finish_reason: str | None = None
+
+
+@dataclass
+class Trajectory:
+    """Per-step top-k entropy of one choice.
+
+    Attributes
+    ----------
+    index : int
+    entropy : ndarray of float64, shape (n_steps,)
+        Nats.
+    k : int
+        The k asked for.
+    effective_k : int
+        Fewest alternatives used at any step (``== k`` when every step had k).
+    short_steps : int
+        Steps with fewer than k alternatives.
+    """
+
+    index: int
+    entropy: np.ndarray
+    k: int
+    effective_k: int
+    short_steps: int
+
+    @property
+    def features(self) -> np.ndarray:
+        """The 11 statistics, shape (11,), :data:`~sentinel_vllm.features.FEATURE_NAMES` order."""
+        return compute_features(self.entropy)
+
+
+def as_dict(obj) -> Any:
+    """A response or chunk as plain JSON data (dict/list), whatever form it came in.
+
+    Accepts dicts, JSON text (str/bytes, an SSE ``data: ...`` line too), and
+    objects with ``model_dump()`` (``openai`` SDK, pydantic) or ``to_dict()``.
+    """
+    if isinstance(obj, (bytes, bytearray)):
+        obj = obj.decode()
+    if isinstance(obj, str):
+        s = obj.strip()
+        if s.startswith("data:"):
+            s = s[5:].strip()
+        return json.loads(s)
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump()
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    return obj
+
+
+def _step_values(entry) -> list[float] | None:
+    """Alternatives of one chat ``logprobs.content`` entry."""
+    if not isinstance(entry, Mapping):
+        return None
+    top = entry.get("top_logprobs")
+    if top is None:
+        return []
+    return [float(a["logprob"]) if isinstance(a, Mapping) else float(a) for a in top]
+
+
+def _add_choice(acc: dict[int, ChoiceLogprobs], choice: Mapping, pos: int) -> None:
+    idx = int(choice.get("index", pos) or 0)
+    c = acc.setdefault(idx, ChoiceLogprobs(idx))
+    if choice.get("finish_reason") is not None:
+        c.finish_reason = choice["finish_reason"]
+    lp = choice.get("logprobs")
+    if not isinstance(lp, Mapping):
+        return
+    if isinstance(lp.get("content"), list) or "content" in lp:  # chat
+        c.present = True
+        for entry in lp.get("content") or ():
+            vals = _step_values(entry)
+            if vals is not None:
+                c.steps.append(vals)
+        return
+    if "top_logprobs" in lp or "token_logprobs" in lp:  # completions
+        c.present = True
+        tops = lp.get("top_logprobs")
+        n = len(lp.get("tokens") or lp.get("token_logprobs") or tops or ())
+        for t in range(n):
+            step = tops[t] if tops is not None and t < len(tops) else None
+            c.steps.append([float(v) for v in step.values()] if isinstance(step, Mapping) else [])
+
+
+def extract_choices(response) -> dict[int, ChoiceLogprobs]:
+    """Per choice index, the alternatives of every generated token.
+
+    Parameters
+    ----------
+    response : dict, str, bytes, SDK object, or list of chunks
+        A whole chat/completions response, or the chunks of one stream in order.
+
+    Returns
+    -------
+    dict of int to ChoiceLogprobs
+        Sorted by index.
+
+    Raises
+    ------
+    ValueError
+        The input is not a response (no ``choices``) nor a list of chunks.
+    """
+    parts = response if isinstance(response, (list, tuple)) else [response]
+    acc: dict[int, ChoiceLogprobs] = {}
+    seen = False
+    for part in parts:
+        if isinstance(part, (str, bytes)) and part.strip().removeprefix(
+                b"data:" if isinstance(part, bytes) else "data:").strip() in ("[DONE]", b"[DONE]"):
+            continue
+        obj = as_dict(part)
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"not an OpenAI response or chunk: {type(obj).__name__}")
+        choices = obj.get("choices")
+        if choices is None:
+            continue  # e.g. a usage-only chunk
+        seen = True
+        for pos, choice in enumerate(choices):
+            _add_choice(acc, choice, pos)
+    if not seen:
+        raise ValueError("not an OpenAI chat/completions response: no 'choices'")
+    return dict(sorted(acc.items()))
+
+
+def trajectory(choice: ChoiceLogprobs, k: int = 20, *, short_steps: str = "refuse",
+               renormalize: bool = False) -> Trajectory:
+    """Top-k entropy per step of one choice.
+
+    Parameters
+    ----------
+    choice : ChoiceLogprobs
+    k : int, default 20
+        Alternatives summed per step (the k largest of those given).
+    short_steps : {"refuse", "effective"}
+        What a step with fewer than k alternatives does (module docstring).
+    renormalize : bool, default False
+        The ``topk_renorm`` variant.
+
+    Returns
+    -------
+    Trajectory
+
+    Raises
+    ------
+    MissingLogprobsError
+        No logprobs for the choice.
+    TooFewAlternativesError
+        A step has fewer than k alternatives under ``"refuse"``, or none at all.
+    """
+    if short_steps not in SHORT_STEPS_POLICIES:
+        raise ValueError(f"short_steps must be one of {SHORT_STEPS_POLICIES}, got {short_steps!r}")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not choice.present:
+        raise MissingLogprobsError(
+            f"choice {choice.index} has no logprobs: ask with logprobs=true, top_logprobs={k} "
+            f"(completions: logprobs={k}), or the server ignores them")
+    counts = [len(s) for s in choice.steps]
+    short = [t for t, c in enumerate(counts) if c < k]
+    if short and (short_steps == "refuse" or min(counts) == 0):
+        t = short[0]
+        raise TooFewAlternativesError(
+            f"choice {choice.index}: step {t} has {counts[t]} alternatives, fewer than k={k} "
+            f"({len(short)} of {len(counts)} steps short); ask for top_logprobs >= {k}"
+            + ("" if min(counts) == 0 else ", or score with the effective k (short_steps='effective')"))
+    h = entropy_from_top_logprobs(choice.steps, k=k, renormalize=renormalize)
+    eff = min([k, *counts]) if counts else k
+    return Trajectory(choice.index, h, k, int(eff), len(short))
+
+
+def trajectories(response, k: int = 20, *, short_steps: str = "refuse",
+                 renormalize: bool = False) -> dict[int, Trajectory]:
+    """:func:`trajectory` of every choice of a response (raises on the first bad one)."""
+    return {i: trajectory(c, k, short_steps=short_steps, renormalize=renormalize)
+            for i, c in extract_choices(response).items()}
+
+
+class TopLogprobsScorer:
+    """Score OpenAI-compatible responses with a top-k sentinel.
+
+    Parameters
+    ----------
+    sentinel : str, path, or loaded Sentinel
+        An ONNX sentinel of entropy kind ``topk`` or ``topk_renorm``
+        (``"default"`` names the embedded one).
+    k : int, optional
+        The k to compute the entropy at; default the sentinel's.
+    allow_k_mismatch : bool, default False
+        Score at a ``k`` other than the sentinel's (its estimates are then off).
+    short_steps : {"refuse", "effective"}, default "refuse"
+
+    Raises
+    ------
+    SentinelFileError
+        Unreadable file, a full-vocabulary sentinel, or ``k`` differing from the
+        sentinel's without ``allow_k_mismatch``.
+    """
+
+    def __init__(self, sentinel, *, k: int | None = None, allow_k_mismatch: bool = False,
+                 short_steps: str = "refuse"):
+        from sentinel_vllm.sentinel_file import SentinelFileError, load_sentinel
+
+        from sentinel_vllm.serving.api.scoring import SentinelScorer
+
+        if short_steps not in SHORT_STEPS_POLICIES:
+            raise ValueError(f"short_steps must be one of {SHORT_STEPS_POLICIES}, got {short_steps!r}")
+        if not hasattr(sentinel, "p_correct"):
+            sentinel = load_sentinel(sentinel)
+        self.scorer = SentinelScorer(sentinel)
+        self.id = self.scorer.id
+        if self.scorer.entropy == "full":
+            raise SentinelFileError(
+                f"sentinel {self.id} was trained on full-vocabulary entropy; a response's "
+                "top_logprobs give only the top-k entropy: train one on top-k traces "
+                "(sentinel-vllm train --entropy topk --k 20)")
+        self.sentinel_k = int(self.scorer.k)
+        self.k = self.sentinel_k if k is None else int(k)
+        if self.k != self.sentinel_k and not allow_k_mismatch:
+            raise SentinelFileError(
+                f"sentinel {self.id} was trained on top-{self.sentinel_k} entropy; scoring top-{self.k} "
+                "entropy with it is refused (pass allow_k_mismatch=True / --allow-k-mismatch to do it anyway)")
+        self.renormalize = self.scorer.entropy == "topk_renorm"
+        self.short_steps = short_steps
+
+    def score(self, response, slice_label: str = "default") -> dict:
+        """Score every choice; never raises for the response's content.
+
+        Parameters
+        ----------
+        response : dict, str, bytes, SDK object, or list of chunks
+        slice_label : str
+            Written into each block (bound it first with the metrics labeler).
+
+        Returns
+        -------
+        dict of int to ScoredSample
+            Per choice index: ``.block`` (the ``sentinel`` block or an error block),
+            ``.reason``, ``.p_correct``, ``.mean_entropy``.
+        """
+        try:
+            choices = extract_choices(response)
+        except ValueError as exc:
+            return {0: self._error(str(exc), "internal", slice_label)}
+        return self.score_choices(choices, slice_label)
+
+    def score_choices(self, choices: Mapping[int, ChoiceLogprobs], slice_label: str) -> dict:
+        """:meth:`score` for already extracted choices (one onnxruntime call for all)."""
+        out, trajs = {}, {}
+        for i, c in choices.items():
+            try:
+                trajs[i] = trajectory(c, self.k, short_steps=self.short_steps,
+                                      renormalize=self.renormalize)
+            except ValueError as exc:
+                out[i] = self._error(str(exc), _MISSING, slice_label)
+        ids = list(trajs)
+        samples = []
+        for i in ids:
+            tr = trajs[i]
+            try:
+                feats = compute_features(tr.entropy).tolist()
+            except ValueError:
+                feats = [math.nan] * len(FEATURE_NAMES)  # the scorer reports "nonfinite"
+            samples.append({"child": i, "n_steps": int(tr.entropy.size),
+                            "features": {self.scorer.series: feats}})
+        for i, s in zip(ids, self.scorer.score(samples, [slice_label] * len(ids))):
+            tr = trajs[i]
+            if s.reason is None:
+                if self.k != self.sentinel_k:
+                    s.block["k"], s.block["sentinel_k"] = self.k, self.sentinel_k
+                if tr.short_steps:
+                    s.block["effective_k"], s.block["short_steps"] = tr.effective_k, tr.short_steps
+            out[i] = s
+        return dict(sorted(out.items()))
+
+    def blocks(self, response, slice_label: str = "default") -> dict[int, dict]:
+        """Per choice index, the ``sentinel`` block (or ``{"error", "reason"}``)."""
+        return {i: s.block for i, s in self.score(response, slice_label).items()}
+
+    def _error(self, message: str, reason: str, slice_label: str):
+        from sentinel_vllm.serving.api.scoring import ScoredSample, error_block
+
+        return ScoredSample(error_block(message, reason, slice_label), reason)
+
+
+def score_response(response, sentinel, *, slice_label: str = "default", **kw) -> dict[int, dict]:
+    """One-call helper: per choice index, the ``sentinel`` block of ``response``.
+
+    Parameters
+    ----------
+    response : dict, str, bytes, SDK object, or list of chunks
+    sentinel : str, path, Sentinel, or TopLogprobsScorer
+    slice_label : str, default "default"
+    **kw
+        ``k``, ``allow_k_mismatch``, ``short_steps`` of :class:`TopLogprobsScorer`.
+
+    Examples
+    --------
+    >>> from openai import OpenAI                                   # doctest: +SKIP
+    >>> r = OpenAI().chat.completions.create(model=m, messages=msgs, logprobs=True,
+    ...                                      top_logprobs=20)       # doctest: +SKIP
+    >>> score_response(r, "sentinel.onnx")[0]["p_correct"]          # doctest: +SKIP
+    """
+    scorer = sentinel if isinstance(sentinel, TopLogprobsScorer) else TopLogprobsScorer(sentinel, **kw)
+    return scorer.blocks(response, slice_label)
+
