@@ -63,6 +63,7 @@ __all__ = [
     "TooFewAlternativesError",
     "as_dict",
     "extract_choices",
+    "add_choice",
     "trajectory",
     "trajectories",
     "TopLogprobsScorer",
@@ -163,7 +164,8 @@ def _step_values(entry) -> list[float] | None:
     return [float(a["logprob"]) if isinstance(a, Mapping) else float(a) for a in top]
 
 
-def _add_choice(acc: dict[int, ChoiceLogprobs], choice: Mapping, pos: int) -> None:
+def add_choice(acc: dict[int, ChoiceLogprobs], choice: Mapping, pos: int) -> None:
+    """Fold one response or chunk choice into ``acc`` (per index; steps appended in order)."""
     idx = int(choice.get("index", pos) or 0)
     c = acc.setdefault(idx, ChoiceLogprobs(idx))
     if choice.get("finish_reason") is not None:
@@ -220,7 +222,7 @@ def extract_choices(response) -> dict[int, ChoiceLogprobs]:
             continue  # e.g. a usage-only chunk
         seen = True
         for pos, choice in enumerate(choices):
-            _add_choice(acc, choice, pos)
+            add_choice(acc, choice, pos)
     if not seen:
         raise ValueError("not an OpenAI chat/completions response: no 'choices'")
     return dict(sorted(acc.items()))

@@ -1,0 +1,419 @@
+"""OpenAI-compatible reverse proxy that adds the sentinel to any upstream server.
+
+``sentinel-vllm proxy --upstream URL --sentinel S.onnx`` (Starlette + httpx).
+For ``POST /v1/chat/completions`` and ``/v1/completions`` it
+
+1. asks the upstream for ``top_logprobs`` (chat: ``logprobs: true,
+   top_logprobs: k``; completions: ``logprobs: k``; k = the sentinel's, or more if
+   the client asked more) and takes the client's sentinel options out of the
+   body (``vllm_xargs.sentinel_slice`` / ``vllm_xargs.sentinel = false``, as
+   in-engine, or the headers ``X-Sentinel-Slice`` / ``X-Sentinel: off``);
+2. forwards the request with every other header untouched (``Authorization``
+   included; ``--api-key-env VAR`` adds ``Bearer $VAR`` only when the client sent
+   no ``Authorization``);
+3. on a 200 answer, scores each choice from its ``top_logprobs``
+   (:class:`~sentinel_vllm.blackbox.client.TopLogprobsScorer`, in a worker thread)
+   and adds the ``sentinel`` block exactly where the in-engine server puts it
+   (top level for ``n = 1``, per choice otherwise); streams are forwarded chunk by
+   chunk as they arrive and the block rides on the chunk that carries each
+   choice's ``finish_reason`` (no extra chunk); logprobs the client did not ask
+   for are removed (``"logprobs": null``) or cut to the client's
+   ``top_logprobs``; the Prometheus metrics are those of the in-engine path
+   (:class:`~sentinel_vllm.serving.api.metrics.SentinelMetrics`), served at
+   ``GET /metrics``.
+
+Anything else (``/v1/models``, ``/health``, ...) is forwarded untouched. A
+non-200 upstream answer is returned as it came, and nothing of the sentinel acts
+on it. An unreachable upstream gives 502, a timeout 504 (OpenAI error envelope
+with a message); a stream that stalls past the timeout after it started ends
+with an SSE ``error`` event. A sentinel failure never costs a response: the
+block is then ``{"error": ..., "reason": ...}``.
+
+The upstream must return logprobs of the RAW model distribution (vLLM's
+default ``--logprobs-mode raw_logprobs``) for the entropy to equal the
+in-engine one; see :mod:`sentinel_vllm.blackbox.client` for the k rules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+from sentinel_vllm.blackbox.client import ChoiceLogprobs, TopLogprobsScorer, add_choice
+
+__all__ = ["ProxyConfig", "build_app", "TRACKED_PATHS"]
+
+log = logging.getLogger("sentinel_vllm.proxy")
+TRACKED_PATHS = ("/v1/chat/completions", "/v1/completions")
+_HOP = {"host", "content-length", "connection", "keep-alive", "te", "trailers",
+        "transfer-encoding", "upgrade", "proxy-connection"}
+_CLIENT_KEYS = ("sentinel_slice", "sentinel")
+
+
+@dataclass
+class ProxyConfig:
+    """Settings of the proxy (the ``sentinel-vllm proxy`` options).
+
+    Attributes
+    ----------
+    upstream : str
+        Root URL of the OpenAI-compatible server (a trailing ``/v1`` is dropped).
+    sentinel : str
+        ONNX sentinel of entropy kind top-k.
+    k, allow_k_mismatch, short_steps
+        See :class:`~sentinel_vllm.blackbox.client.TopLogprobsScorer`.
+    request_top_logprobs : int or None
+        ``top_logprobs`` asked of the upstream (default k; k + 1 avoids vLLM's
+        chat cut when sampling, if the server allows it).
+    api_key_env : str or None
+        Environment variable holding a key sent upstream when the client sent none.
+    timeout_s : float
+        Upstream read timeout (between two chunks of a stream), seconds.
+    connect_timeout_s : float
+    model_label : str or None
+        ``model`` label of the metrics (default: the upstream's host:port).
+    slices, max_slices, window_count, window_seconds, baseline, drift_margin,
+    min_samples, replica
+        As for ``sentinel-vllm serve``.
+    """
+
+    upstream: str
+    sentinel: str
+    k: int | None = None
+    allow_k_mismatch: bool = False
+    short_steps: str = "refuse"
+    request_top_logprobs: int | None = None
+    api_key_env: str | None = None
+    timeout_s: float = 600.0
+    connect_timeout_s: float = 10.0
+    model_label: str | None = None
+    slices: list[str] | None = None
+    max_slices: int = 32
+    window_count: int = 1000
+    window_seconds: float | None = 3600.0
+    baseline: str | None = None
+    drift_margin: float = 0.05
+    min_samples: int = 20
+    replica: str | None = None
+
+
+def _error(status: int, message: str, kind: str):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}},
+                        status_code=status)
+
+
+def _upstream_error(exc) -> tuple[int, str, str]:
+    import httpx
+
+    if isinstance(exc, httpx.TimeoutException):
+        return 504, f"upstream timed out ({type(exc).__name__})", "upstream_timeout"
+    return 502, f"upstream unreachable or failed: {type(exc).__name__}: {exc}", "upstream_error"
+
+
+class _Ask:
+    """What the client asked for, and how the upstream request was changed."""
+
+    def __init__(self, body: dict, chat: bool, want: int):
+        self.chat, self.n = chat, _int(body.get("n"), 1)
+        lp = body.get("logprobs")
+        if chat:
+            self.client_lp = lp is True
+            self.client_top = _int(body.get("top_logprobs"), 0) if self.client_lp else 0
+            body["logprobs"] = True
+            body["top_logprobs"] = max(self.client_top, want)
+        else:
+            self.client_lp = lp is not None and lp is not False and _int(lp, -1) >= 0
+            self.client_top = _int(lp, 0) if self.client_lp else 0
+            body["logprobs"] = max(self.client_top, want)
+        self.want = want
+        self.stream = body.get("stream") is True
+
+    def strip(self, choice: dict) -> bool:
+        """Make ``choice``'s logprobs what the client asked for; True if changed."""
+        lp = choice.get("logprobs")
+        if lp is None or (self.client_lp and self.client_top >= self.want):
+            return False
+        if not self.client_lp:
+            choice["logprobs"] = None
+            return True
+        m = self.client_top
+        if self.chat:
+            for e in lp.get("content") or ():
+                if isinstance(e, dict) and isinstance(e.get("top_logprobs"), list):
+                    e["top_logprobs"] = sorted(e["top_logprobs"], key=lambda a: -a["logprob"])[:m]
+        else:
+            toks = lp.get("tokens") or []
+            tops = lp.get("top_logprobs") or []
+            for t, d in enumerate(tops):
+                if isinstance(d, dict):
+                    keep = dict(sorted(d.items(), key=lambda kv: -kv[1])[:m])
+                    if t < len(toks) and toks[t] in d:
+                        keep[toks[t]] = d[toks[t]]  # the sampled token stays, as the server does
+                    tops[t] = keep
+        return True
+
+
+def _int(v, default: int) -> int:
+    if isinstance(v, bool) or v is None:
+        return default
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return default
+
+
+def _client_options(body: dict, headers) -> tuple[bool, str | None]:
+    """(enabled, raw slice) from ``vllm_xargs`` / headers; the sentinel keys are removed."""
+    xa = body.get("vllm_xargs")
+    mine = {}
+    if isinstance(xa, dict):
+        mine = {k: xa[k] for k in _CLIENT_KEYS if k in xa}
+        rest = {k: v for k, v in xa.items() if k not in _CLIENT_KEYS and not k.startswith("sentinel_")}
+        if rest:
+            body["vllm_xargs"] = rest
+        else:
+            body.pop("vllm_xargs")
+    off = str(mine.get("sentinel", headers.get("x-sentinel", ""))).lower() in ("false", "0", "off")
+    return not off, mine.get("sentinel_slice", headers.get("x-sentinel-slice"))
+
+
+def build_app(config: ProxyConfig, *, registry=None, transport=None):
+    """The Starlette app of the proxy.
+
+    Parameters
+    ----------
+    config : ProxyConfig
+    registry : prometheus_client.CollectorRegistry, optional
+        Where the metrics live (default: the global registry); tests pass their own.
+    transport : httpx transport, optional
+        For tests.
+
+    Returns
+    -------
+    starlette.applications.Starlette
+
+    Raises
+    ------
+    ValueError
+        Unusable sentinel (e.g. full-vocabulary, or another k), or ``api_key_env``
+        naming an unset variable.
+    """
+    import anyio
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.responses import Response, StreamingResponse
+    from starlette.routing import Route
+
+    from sentinel_vllm.serving.api.metrics import SentinelMetrics
+    from sentinel_vllm.serving.api.response import attach_blocks
+
+    scorer = TopLogprobsScorer(config.sentinel, k=config.k, allow_k_mismatch=config.allow_k_mismatch,
+                               short_steps=config.short_steps)
+    want = int(config.request_top_logprobs or scorer.k)
+    if want < scorer.k:
+        raise ValueError(f"request_top_logprobs={want} is below the sentinel's k={scorer.k}")
+    base = config.upstream.rstrip("/")
+    base = base[:-3] if base.endswith("/v1") else base
+    key = None
+    if config.api_key_env:
+        key = os.environ.get(config.api_key_env)
+        if not key:
+            raise ValueError(f"--api-key-env {config.api_key_env}: the variable is not set")
+    metrics = SentinelMetrics(
+        model=config.model_label or httpx.URL(base).netloc.decode(), sentinel_id=scorer.id,
+        replica=config.replica, slices=config.slices, max_slices=config.max_slices,
+        window_count=config.window_count, window_seconds=config.window_seconds,
+        baseline=config.baseline, drift_margin=config.drift_margin,
+        min_samples=config.min_samples, registry=registry)
+    timeout = httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s)
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+    state: dict = {}
+
+    def client() -> httpx.AsyncClient:
+        if "client" not in state:
+            state["client"] = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
+        return state["client"]
+
+    def out_headers(request, tracked: bool) -> dict:
+        h = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        if tracked:
+            h["accept-encoding"] = "identity"  # bodies are rewritten: no compression upstream
+        if key and "authorization" not in request.headers:
+            h["authorization"] = f"Bearer {key}"
+        return h
+
+    def back_headers(resp, drop_encoding: bool) -> dict:
+        skip = _HOP | ({"content-encoding"} if drop_encoding else set())
+        return {k: v for k, v in resp.headers.items() if k.lower() not in skip}
+
+    def record(scored: dict, label: str) -> None:
+        for s in scored.values():
+            if s.reason is None:
+                metrics.observe(label, s.p_correct, s.mean_entropy)
+            else:
+                metrics.error(s.reason)
+
+    async def send(request, body: bytes | None, tracked: bool):
+        url = httpx.URL(base + request.url.path, query=request.url.query.encode())
+        content = body if body is not None else request.stream()
+        req = client().build_request(request.method, url, headers=out_headers(request, tracked),
+                                     content=content)
+        return await client().send(req, stream=True)
+
+    async def passthrough(request):
+        try:
+            resp = await send(request, None, False)
+        except httpx.HTTPError as exc:
+            return _error(*_upstream_error(exc))
+        return StreamingResponse(_raw(resp), status_code=resp.status_code,
+                                 headers=back_headers(resp, False))
+
+    async def tracked(request):
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+            if not isinstance(body, dict):
+                raise ValueError
+        except ValueError:
+            body = None
+        enabled, raw_slice = (_client_options(body, request.headers) if body is not None
+                              else (False, None))
+        ask = None
+        if enabled:
+            ask = _Ask(body, request.url.path.endswith("/chat/completions"), want)
+        if body is not None:
+            raw = json.dumps(body).encode()
+        try:
+            resp = await send(request, raw, enabled)
+        except httpx.HTTPError as exc:
+            return _error(*_upstream_error(exc))
+        ctype = resp.headers.get("content-type", "")
+        if not enabled or resp.status_code != 200:
+            return StreamingResponse(_raw(resp), status_code=resp.status_code,
+                                     headers=back_headers(resp, False))
+        headers = back_headers(resp, True)
+        if ctype.startswith("text/event-stream"):
+            return StreamingResponse(_sse(resp, ask, raw_slice), status_code=200, headers=headers)
+        try:
+            data = await resp.aread()
+        except httpx.HTTPError as exc:
+            return _error(*_upstream_error(exc))
+        finally:
+            await resp.aclose()
+        try:
+            obj = json.loads(data)
+            if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
+                raise ValueError
+        except ValueError:
+            return Response(data, status_code=200, headers=headers)
+        label = metrics.label_slice(raw_slice)
+        scored = await anyio.to_thread.run_sync(scorer.score, obj, label)
+        record(scored, label)
+        for c in obj["choices"]:
+            ask.strip(c)
+        attach_blocks(obj, {i: s.block for i, s in scored.items()}, ask.n)
+        return Response(json.dumps(obj), status_code=200, headers=headers,
+                        media_type="application/json")
+
+    async def _raw(resp):
+        try:
+            async for chunk in resp.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as exc:
+            log.warning("upstream stream failed: %s", exc)
+        finally:
+            await resp.aclose()
+
+    async def _sse(resp, ask: _Ask, raw_slice):
+        label = metrics.label_slice(raw_slice)
+        acc: dict[int, ChoiceLogprobs] = {}
+        buf = b""
+        try:
+            async for data in resp.aiter_bytes():
+                buf += data
+                while True:
+                    cut, sep = _event_end(buf)
+                    if cut < 0:
+                        break
+                    event, buf = buf[:cut], buf[cut + sep:]
+                    yield await _rewrite(event, ask, acc, label) + b"\n\n"
+            if buf.strip():
+                yield await _rewrite(buf, ask, acc, label) + b"\n\n"
+        except httpx.HTTPError as exc:
+            status, msg, kind = _upstream_error(exc)
+            err = {"error": {"message": msg, "type": kind, "code": status}}
+            yield b"event: error\ndata: " + json.dumps(err).encode() + b"\n\n"
+        finally:
+            await resp.aclose()
+
+    async def _rewrite(event: bytes, ask: _Ask, acc: dict, label: str) -> bytes:
+        lines = event.splitlines()
+        payload = b"\n".join(ln[5:].lstrip(b" ") for ln in lines if ln.startswith(b"data:"))
+        if not payload or payload.strip() == b"[DONE]":
+            return event
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            return event
+        if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
+            return event
+        changed, finished = False, {}
+        for pos, c in enumerate(obj["choices"]):
+            if not isinstance(c, dict):
+                continue
+            add_choice(acc, c, pos)
+            changed |= ask.strip(c)
+            idx = int(c.get("index", pos) or 0)
+            if c.get("finish_reason") is not None:
+                finished[idx] = c
+        if finished:
+            done = {i: acc.pop(i) for i in finished if i in acc}
+            scored = await anyio.to_thread.run_sync(scorer.score_choices, done, label)
+            record(scored, label)
+            for i, c in finished.items():
+                block = scored[i].block if i in scored else {"error": "no sentinel result",
+                                                             "reason": "internal"}
+                if ask.n == 1 and len(obj["choices"]) == 1:
+                    obj["sentinel"] = block
+                else:
+                    c["sentinel"] = block
+            changed = True
+        if not changed:
+            return event
+        other = [ln for ln in lines if not ln.startswith(b"data:")]
+        return b"\n".join([*other, b"data: " + json.dumps(obj, separators=(",", ":")).encode()])
+
+    async def metrics_route(request):
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+        metrics.refresh()
+        return Response(generate_latest(registry or REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        if "client" in state:
+            await state.pop("client").aclose()
+
+    routes = [Route(p, tracked, methods=["POST"]) for p in TRACKED_PATHS]
+    routes += [Route("/metrics", metrics_route, methods=["GET"]),
+               Route("/{path:path}", passthrough,
+                     methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.scorer, app.state.metrics, app.state.config = scorer, metrics, config
+    return app
+
+
+def _event_end(buf: bytes) -> tuple[int, int]:
+    """Index and length of the first SSE event separator in ``buf``, or (-1, 0)."""
+    best, length = -1, 0
+    for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+        i = buf.find(sep)
+        if i >= 0 and (best < 0 or i < best):
+            best, length = i, len(sep)
+    return best, length
