@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, str] = {
     "collect": "collect",
     "bench": "bench",
     "demo": "demo",
+    "proxy": "proxy",
 }
 
 
