@@ -1,0 +1,110 @@
+"""``collect --endpoint``: graded top-k traces from an OpenAI-compatible server (a local fake one).
+
+The fake answers the gold for some questions and a wrong number for the others,
+with known ``top_logprobs``; one question fails with HTTP 500 until it is allowed.
+Checks the grades, the series value by value against ``entropy.py``, that a
+failed request is not written and a second run (resume) fills exactly the gap.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from fake_upstream import ServerThread  # noqa: E402
+from openai_fixtures import chat_response, choice_steps  # noqa: E402
+from sentinel_vllm.blackbox.endpoint_collect import collect_endpoint  # noqa: E402
+from sentinel_vllm.collect import parse_benchmarks  # noqa: E402
+from sentinel_vllm.datasets import load_benchmark  # noqa: E402
+from sentinel_vllm.entropy import entropy_from_top_logprobs  # noqa: E402
+from sentinel_vllm.traces import read_traces  # noqa: E402
+
+FIX = Path(__file__).parent / "fixtures" / "benchmarks" / "gsm8k.jsonl"
+
+
+class FakeEndpoint:
+    def __init__(self, problems):
+        from starlette.applications import Starlette
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        self.by_q = {p.render(): (i, p) for i, p in enumerate(problems)}
+        self.fail_index = 1
+        self.bodies = []
+
+        async def chat(request):
+            body = await request.json()
+            self.bodies.append(body)
+            i, p = self.by_q[body["messages"][0]["content"]]
+            if i == self.fail_index:
+                return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
+            steps = choice_steps(200 + i, 6 + i, body["top_logprobs"])
+            resp = chat_response([steps])
+            resp["choices"][0]["message"]["content"] = (
+                f"The answer is \\boxed{{{p.gold}}}" if i % 2 == 0 else "The answer is \\boxed{-12345}")
+            return JSONResponse(resp)
+
+        self.server = ServerThread(Starlette(routes=[Route("/v1/chat/completions", chat,
+                                                           methods=["POST"])])).start()
+
+
+def test_collect_endpoint_graded_and_resumable(tmp_path):
+    probs = load_benchmark("gsm8k", n=3, seed=0, path=str(FIX))
+    fake = FakeEndpoint(probs)
+    out = tmp_path / "t.jsonl"
+    kw = dict(n=3, ks=(1, 5, 20), concurrency=2, retries=0, progress=False,
+              benchmark_paths={"gsm8k": str(FIX)})
+    try:
+        s1 = collect_endpoint(fake.server.url + "/v1", "m", parse_benchmarks("gsm8k"), str(out), **kw)
+        assert s1["gsm8k"]["n"] == 2 and s1["gsm8k"]["failed"] == 1
+        assert "HTTP 503" in s1["gsm8k"]["first_error"]
+        b = fake.bodies[0]
+        assert b["logprobs"] is True and b["top_logprobs"] == 20 and b["model"] == "m"
+        recs = {t.id: t for t in read_traces(str(out))}
+        assert len(recs) == 2
+        fake.fail_index = None
+        n_before = len(fake.bodies)
+        s2 = collect_endpoint(fake.server.url, "m", parse_benchmarks("gsm8k"), str(out), **kw)
+        assert s2["gsm8k"]["n"] == 1 and len(fake.bodies) == n_before + 1  # only the gap
+    finally:
+        fake.server.stop()
+    traces = {t.id: t for t in read_traces(str(out))}
+    assert len(traces) == 3
+    lines = [json.loads(ln) for ln in out.read_text().splitlines()]
+    for i, p in enumerate(probs):
+        tid = f"gsm8k/{p.id.partition('/')[2]}"
+        t = traces[tid]
+        assert t.correct is (i % 2 == 0)
+        steps = choice_steps(200 + i, 6 + i, 20)
+        for name, k in (("topk", 20), ("top5", 5), ("top1", 1)):
+            want = [entropy_from_top_logprobs([s], k=k)[0] for s in steps]
+            np.testing.assert_allclose(t.entropy[name], want, rtol=0, atol=1e-6)
+        want = [entropy_from_top_logprobs([s], k=5, renormalize=True)[0] for s in steps]
+        np.testing.assert_allclose(t.entropy["top5_renorm"], want, atol=1e-6)
+        assert t.k == 20 and "full" not in t.entropy
+    line = next(ln for ln in lines if ln["id"] == tid)
+    assert line["generation"]["source"] == "endpoint" and line["n_tokens"] == 6 + 2
+
+
+def test_collect_endpoint_refuses_short_lists(tmp_path):
+    """An endpoint capping top_logprobs below the largest k: the response is not written."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def chat(request):
+        return JSONResponse(chat_response([choice_steps(1, 4, 5)]))  # capped at 5
+
+    srv = ServerThread(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])).start()
+    out = tmp_path / "t.jsonl"
+    try:
+        s = collect_endpoint(srv.url, "m", parse_benchmarks("gsm8k"), str(out), n=1, ks=(5, 20),
+                             retries=0, progress=False, benchmark_paths={"gsm8k": str(FIX)})
+    finally:
+        srv.stop()
+    assert s["gsm8k"]["failed"] == 1 and "fewer than k=20" in s["gsm8k"]["first_error"]
+    assert not out.exists() or out.read_text() == ""
