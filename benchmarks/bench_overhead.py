@@ -30,7 +30,7 @@ def tiny_sentinel(path: str) -> str:
     import numpy as np
 
     from sentinel_vllm.features import FEATURE_NAMES
-    from sentinel_vllm.model import SentinelClassifier
+    from sentinel_vllm.classifier import SentinelClassifier
 
     rng = np.random.default_rng(0)
     X = rng.gamma(2.0, 0.5, size=(400, len(FEATURE_NAMES)))

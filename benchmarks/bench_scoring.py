@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     import onnxruntime
     import sklearn
 
-    from sentinel_vllm.model import SentinelClassifier, load_sentinel
+    from sentinel_vllm.classifier import SentinelClassifier, load_sentinel
 
     X, y = synthetic(args.n_train, seed=0)
     grid = {} if args.full_grid else dict(max_depth_grid=(10,), min_samples_split_grid=(2,))

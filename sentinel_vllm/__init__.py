@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):  # lazy: the offline helper needs vLLM
     if name == "LLM":
-        from sentinel_vllm.serving.offline import LLM
+        from sentinel_vllm.serving.api.offline import LLM
 
         return LLM
     raise AttributeError(name)

@@ -93,8 +93,8 @@ def build_llm(model: str, *, ks: Sequence[int] = DEFAULT_KS, max_model_len: int 
     """A ``vllm.LLM`` with the sentinel processor and worker extension recording ``ks``."""
     from vllm import LLM
 
-    from sentinel_vllm.serving.identity import install_child_index_patch
-    from sentinel_vllm.serving.processor import processor_fqcn
+    from sentinel_vllm.serving.api.child_index import install_child_index_patch
+    from sentinel_vllm.serving.contract import WORKER_EXTENSION, processor_fqcn
 
     install_child_index_patch()
     kw = {"gpu_memory_utilization": 0.25, **vllm_kwargs}
@@ -103,7 +103,7 @@ def build_llm(model: str, *, ks: Sequence[int] = DEFAULT_KS, max_model_len: int 
         max_model_len=max_model_len,
         seed=seed,
         logits_processors=[processor_fqcn(use_v2=False)],
-        worker_extension_cls="sentinel_vllm.serving.worker.SentinelWorkerExtension",
+        worker_extension_cls=WORKER_EXTENSION,
         additional_config={"sentinel": {"series": ",".join(_series_names(ks))}},
         **kw,
     )
@@ -158,7 +158,7 @@ def collect(
 
     from sentinel_vllm import __version__
     from sentinel_vllm.datasets import grade, load_benchmark
-    from sentinel_vllm.serving.worker import first_answer
+    from sentinel_vllm.serving.contract import first_answer
     from sentinel_vllm.traces import write_traces
 
     done = _existing_ids(out)

@@ -107,7 +107,7 @@ def run_demo(model_name: str, sentinel: str, benchmarks: list[str], n: int, *, m
     from sentinel_vllm.aggregate import estimate_slices
     from sentinel_vllm.collect import parse_benchmarks
     from sentinel_vllm.datasets import grade, load_benchmark
-    from sentinel_vllm.models import resolve_model
+    from sentinel_vllm.model_assets import resolve_model
 
     model = resolve_model(model_name)
     specs = parse_benchmarks(",".join(benchmarks))

@@ -187,7 +187,7 @@ def evaluate_composition(
     random_state : int, default 0
         Seed of the split and of the classifier.
     classifier_params : dict, optional
-        Keyword arguments for :class:`sentinel_vllm.model.SentinelClassifier`.
+        Keyword arguments for :class:`sentinel_vllm.classifier.SentinelClassifier`.
 
     Returns
     -------
@@ -198,7 +198,7 @@ def evaluate_composition(
     ValueError
         If a training slice is unknown or the training data has one class only.
     """
-    from sentinel_vllm.model import SentinelClassifier
+    from sentinel_vllm.classifier import SentinelClassifier
 
     lab = _labelled(traces)
     X = feature_matrix(lab, entropy, k)

@@ -1,4 +1,4 @@
-"""A tiny real ONNX sentinel for the serving tests (scikit-learn parts -> export.build_sentinel_model)."""
+"""A tiny real ONNX sentinel for the serving tests (scikit-learn parts -> onnx_graph.build_sentinel_model)."""
 
 import numpy as np
 
@@ -15,7 +15,8 @@ def make_tiny_sentinel(path, *, entropy="full", k=None, seed=0):
     from sklearn.isotonic import IsotonicRegression
     from sklearn.preprocessing import StandardScaler
 
-    from sentinel_vllm.export import SCHEMA_VERSION, build_sentinel_model, write_sentinel
+    from sentinel_vllm.onnx_graph import build_sentinel_model, write_sentinel
+    from sentinel_vllm.sentinel_file import SCHEMA_VERSION
 
     rng = np.random.default_rng(seed)
     X = rng.gamma(2.0, 0.5, size=(200, len(FEATURE_NAMES)))

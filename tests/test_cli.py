@@ -97,7 +97,7 @@ def test_malformed_trace_names_file_and_line(tmp_path, capsys):
 
 
 def test_default_sentinel_resolves_and_warns(trace_file, tmp_path, monkeypatch, caplog):
-    import sentinel_vllm.export as export
+    import sentinel_vllm.sentinel_file as export
 
     onnx_path = tmp_path / "default.onnx"
     assert main(["train", trace_file, "--slices", "easy,hard", "--trained-for", "tiny-model",

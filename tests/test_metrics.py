@@ -8,7 +8,7 @@ import pytest
 prometheus_client = pytest.importorskip("prometheus_client")
 
 from sentinel_vllm.aggregate import Z_95  # noqa: E402
-from sentinel_vllm.serving.metrics import (  # noqa: E402
+from sentinel_vllm.serving.api.metrics import (  # noqa: E402
     SentinelMetrics,
     SliceLabeler,
     SlidingWindow,

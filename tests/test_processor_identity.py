@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from sentinel_vllm.serving.identity import install_child_index_patch, request_key, validate_params
+from sentinel_vllm.serving.api.child_index import install_child_index_patch
+from sentinel_vllm.serving.worker.identity import request_key, validate_params
 
 
 def P(**xa):

@@ -25,9 +25,9 @@ from vllm import SamplingParams
 
 from sentinel_vllm.entropy import full_entropy, topk_entropy
 from sentinel_vllm.features import compute_features
-from sentinel_vllm.serving import tracker as tracker_mod
-from sentinel_vllm.serving.processor_mrv2 import SentinelLogitsProcessorMRV2
-from sentinel_vllm.serving.worker import SentinelWorkerExtension
+from sentinel_vllm.serving.worker import tracker as tracker_mod
+from sentinel_vllm.serving.worker.processor_mrv2 import SentinelLogitsProcessorMRV2
+from sentinel_vllm.serving.worker.extension import SentinelWorkerExtension
 
 VOCAB, K, MAX_REQS = 40, 4, 6
 

@@ -36,14 +36,14 @@ def llm():
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
 
-    from sentinel_vllm.serving.identity import install_child_index_patch
-    from sentinel_vllm.serving.processor import V1_FQCN
+    from sentinel_vllm.serving.api.child_index import install_child_index_patch
+    from sentinel_vllm.serving.contract import V1_PROCESSOR as V1_FQCN
 
     install_child_index_patch()  # frontend process: n > 1 children get their index
     return LLM(
         model=str(MODEL),
         logits_processors=[V1_FQCN],
-        worker_extension_cls="sentinel_vllm.serving.worker.SentinelWorkerExtension",
+        worker_extension_cls="sentinel_vllm.serving.worker.extension.SentinelWorkerExtension",
         gpu_memory_utilization=0.25,
         max_model_len=1024,
         max_logprobs=-1,
@@ -56,7 +56,7 @@ def llm():
 def test_trajectories_match_vllm_logprobs(llm):
     from vllm import SamplingParams
 
-    from sentinel_vllm.serving.worker import first_answer
+    from sentinel_vllm.serving.contract import first_answer
 
     prompts = ["What is 7 + 5?", "Name a prime number.", "Say hello.", "Count to three.", "2*3="]
     params = []

@@ -25,10 +25,10 @@ from vllm.v1.sample.logits_processor.state import BatchUpdateBuilder
 
 from sentinel_vllm.entropy import full_entropy, topk_entropy
 from sentinel_vllm.features import compute_features
-from sentinel_vllm.serving import tracker as tracker_mod
-from sentinel_vllm.serving import tracker_setup
-from sentinel_vllm.serving.processor_v1 import SentinelLogitsProcessor
-from sentinel_vllm.serving.worker import SentinelWorkerExtension
+from sentinel_vllm.serving.worker import tracker as tracker_mod
+from sentinel_vllm.serving.worker import tracker_setup
+from sentinel_vllm.serving.worker.processor_v1 import SentinelLogitsProcessor
+from sentinel_vllm.serving.worker.extension import SentinelWorkerExtension
 
 VOCAB = 50
 K = 5

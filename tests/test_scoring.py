@@ -1,10 +1,10 @@
-"""ONNX scoring in the API process (sentinel_vllm.serving.scoring) against scikit-learn."""
+"""ONNX scoring in the API process (sentinel_vllm.serving.api.scoring) against scikit-learn."""
 
 import numpy as np
 import pytest
 
 from sentinel_vllm.features import FEATURE_NAMES, compute_features
-from sentinel_vllm.serving.scoring import SentinelScorer, resolve_sentinel_path, series_name
+from sentinel_vllm.serving.api.scoring import SentinelScorer, resolve_sentinel_path, series_name
 from serving_helpers import make_tiny_sentinel, reference_p
 
 
@@ -102,7 +102,7 @@ def test_bad_files_raise_clear_errors(tmp_path):
 
 
 def test_default_sentinel_errors_clearly_until_bundled():
-    from sentinel_vllm.serving import scoring
+    from sentinel_vllm.serving.api import scoring
 
     if scoring.DEFAULT_SENTINEL.is_file():
         assert resolve_sentinel_path("default") == scoring.DEFAULT_SENTINEL

@@ -35,7 +35,7 @@ def test_bad_sentinel_refuses_to_start(tmp_path, capsys, no_vllm, content, messa
 
 
 def test_default_sentinel_is_clear_when_missing(capsys, no_vllm):
-    from sentinel_vllm.serving.scoring import DEFAULT_SENTINEL
+    from sentinel_vllm.serving.api.scoring import DEFAULT_SENTINEL
 
     if DEFAULT_SENTINEL.is_file():
         pytest.skip("a default sentinel is bundled")
@@ -58,7 +58,8 @@ def test_passes_vllm_args_through_and_adds_ours(tmp_path, monkeypatch):
     s = tmp_path / "s.onnx"
     sid = make_tiny_sentinel(s, entropy="topk", k=5)[0]
     seen = {}
-    from sentinel_vllm.serving.server import CONFIG_ENV, ServerConfig
+    from sentinel_vllm.serving.api.middleware import ServerConfig
+    from sentinel_vllm.serving.contract import CONFIG_ENV
 
     # serve writes these into os.environ; setenv first so monkeypatch restores them
     monkeypatch.setenv("SENTINEL_SERIES", "")
@@ -71,9 +72,9 @@ def test_passes_vllm_args_through_and_adds_ours(tmp_path, monkeypatch):
     assert rc == 0
     assert seen["args"] == [
         "my/model", "--max-model-len", "1024", "--port", "8123", "--gpu-memory-utilization", "0.25",
-        "--logits-processors", "sentinel_vllm.serving.processor:SentinelLogitsProcessor",
-        "--worker-extension-cls", "sentinel_vllm.serving.worker.SentinelWorkerExtension",
-        "--middleware", "sentinel_vllm.serving.server.SentinelMiddleware"]
+        "--logits-processors", "sentinel_vllm.serving.worker.processor:SentinelLogitsProcessor",
+        "--worker-extension-cls", "sentinel_vllm.serving.worker.extension.SentinelWorkerExtension",
+        "--middleware", "sentinel_vllm.serving.api.middleware.SentinelMiddleware"]
     import os
 
     cfg = ServerConfig.from_env()
@@ -85,12 +86,12 @@ def test_passes_vllm_args_through_and_adds_ours(tmp_path, monkeypatch):
 def test_user_logits_processors_are_kept():
     args = serve.vllm_argv("m", ["--logits-processors", "a:B", "--port", "1"])
     assert args[:4] == ["m", "--logits-processors",
-                        "sentinel_vllm.serving.processor:SentinelLogitsProcessor", "a:B"]
+                        "sentinel_vllm.serving.worker.processor:SentinelLogitsProcessor", "a:B"]
     assert args.count("--logits-processors") == 1
 
 
 def test_worker_series_mismatch_is_an_error(tmp_path):
-    from sentinel_vllm.serving.scoring import SentinelScorer, worker_series
+    from sentinel_vllm.serving.api.scoring import SentinelScorer, worker_series
 
     s = tmp_path / "s.onnx"
     make_tiny_sentinel(s, entropy="topk", k=5)

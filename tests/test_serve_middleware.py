@@ -1,4 +1,4 @@
-"""The API-server middleware (sentinel_vllm.serving.server) on a fake vLLM app: no model.
+"""The API-server middleware (sentinel_vllm.serving.api.middleware) on a fake vLLM app: no model.
 
 The fake app behaves like vLLM's OpenAI server for what the middleware touches:
 it reads ``vllm_xargs``, "generates" a fixed trajectory per choice, parks the
@@ -21,8 +21,8 @@ from starlette.responses import JSONResponse, StreamingResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
 from sentinel_vllm.features import compute_features  # noqa: E402
-from sentinel_vllm.serving.metrics import SentinelMetrics  # noqa: E402
-from sentinel_vllm.serving.server import SentinelMiddleware, ServerConfig  # noqa: E402
+from sentinel_vllm.serving.api.metrics import SentinelMetrics  # noqa: E402
+from sentinel_vllm.serving.api.middleware import SentinelMiddleware, ServerConfig  # noqa: E402
 from serving_helpers import make_tiny_sentinel, reference_p  # noqa: E402
 
 

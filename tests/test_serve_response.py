@@ -1,8 +1,8 @@
-"""Request id injection and response rewriting (sentinel_vllm.serving.response), no model."""
+"""Request id injection and response rewriting (sentinel_vllm.serving.api.response), no model."""
 
 import json
 
-from sentinel_vllm.serving.response import (
+from sentinel_vllm.serving.api.response import (
     SSERewriter,
     attach_blocks,
     final_chunk,

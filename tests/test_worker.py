@@ -6,9 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from sentinel_vllm.serving import tracker as tracker_mod
-from sentinel_vllm.serving import tracker_setup
-from sentinel_vllm.serving.worker import SentinelWorkerExtension, first_answer
+from sentinel_vllm.serving.worker import tracker as tracker_mod
+from sentinel_vllm.serving.worker import tracker_setup
+from sentinel_vllm.serving.contract import first_answer
+from sentinel_vllm.serving.worker.extension import SentinelWorkerExtension
 
 
 @pytest.fixture(autouse=True)

@@ -23,13 +23,13 @@ SCRIPT = textwrap.dedent(
     """
     import sys, numpy as np
     from vllm import LLM, SamplingParams
-    from sentinel_vllm.serving.identity import install_child_index_patch
-    from sentinel_vllm.serving.processor import V1_FQCN
+    from sentinel_vllm.serving.api.child_index import install_child_index_patch
+    from sentinel_vllm.serving.contract import V1_PROCESSOR as V1_FQCN
 
     def main():
         install_child_index_patch()
         llm = LLM(model=sys.argv[1], logits_processors=[V1_FQCN], tensor_parallel_size=2,
-                  worker_extension_cls="sentinel_vllm.serving.worker.SentinelWorkerExtension",
+                  worker_extension_cls="sentinel_vllm.serving.worker.extension.SentinelWorkerExtension",
                   gpu_memory_utilization=0.25, max_model_len=512, max_logprobs=-1,
                   max_num_seqs=4, enforce_eager=True, seed=0)
         ps = [SamplingParams(n=2 if i == 0 else 1, temperature=0.8, max_tokens=8, logprobs=-1,

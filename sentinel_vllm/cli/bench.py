@@ -32,7 +32,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from sentinel_vllm.compare import COLUMNS, compare_variants, plot_variants
+    from sentinel_vllm.topk_vs_full import COLUMNS, compare_variants, plot_variants
 
     traces = _common.load(args)
     ks = [int(k) for k in args.k.split(",") if k]

@@ -31,7 +31,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     from sentinel_vllm.collect import build_llm, collect, format_summary, parse_benchmarks
-    from sentinel_vllm.models import resolve_model
+    from sentinel_vllm.model_assets import resolve_model
 
     specs = parse_benchmarks(args.benchmarks)
     ks = [int(k) for k in args.k.split(",") if k]

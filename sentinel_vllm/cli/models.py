@@ -31,7 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``models list|fetch|path``; ``fetch`` prints the folder as the last stdout line."""
-    from sentinel_vllm import models
+    from sentinel_vllm import model_assets as models
 
     if args.action == "list":
         for spec in models.MODELS.values():

@@ -18,7 +18,7 @@ def add_parser(sub):
 def score_traces(sentinel_path: str, traces):
     """Load the sentinel, check it fits the traces, return (sentinel, p_correct)."""
     from sentinel_vllm.features import FEATURE_NAMES
-    from sentinel_vllm.model import load_sentinel
+    from sentinel_vllm.classifier import load_sentinel
     from sentinel_vllm.traces import feature_matrix
 
     sent = load_sentinel(sentinel_path)

@@ -5,10 +5,10 @@ exits with status 2 and a clear message, before vLLM loads anything), then runs
 vLLM's OpenAI-compatible server in this process, exactly as ``vllm serve`` does,
 with three options added:
 
-* ``--logits-processors sentinel_vllm.serving.processor:SentinelLogitsProcessor``
+* ``--logits-processors sentinel_vllm.serving.worker.processor:SentinelLogitsProcessor``
   (the MRV2 class when ``VLLM_USE_V2_MODEL_RUNNER=1``);
-* ``--worker-extension-cls sentinel_vllm.serving.worker.SentinelWorkerExtension``;
-* ``--middleware sentinel_vllm.serving.server.SentinelMiddleware`` (the response
+* ``--worker-extension-cls sentinel_vllm.serving.worker.extension.SentinelWorkerExtension``;
+* ``--middleware sentinel_vllm.serving.api.middleware.SentinelMiddleware`` (the response
   layer; its settings travel in ``$SENTINEL_VLLM_CONFIG``).
 
 Every option not listed below goes to vLLM untouched.
@@ -20,7 +20,14 @@ import argparse
 import os
 import sys
 
-from sentinel_vllm.serving.scoring import worker_series
+from sentinel_vllm.serving.api.scoring import worker_series
+from sentinel_vllm.serving.contract import (
+    CONFIG_ENV,
+    MIDDLEWARE,
+    SERIES_ENV,
+    WORKER_EXTENSION,
+    processor_fqcn,
+)
 
 EXAMPLES = """examples:
   sentinel-vllm serve ~/.cache/sentinel-vllm/models/smollm2-135m-instruct \\
@@ -33,8 +40,6 @@ EXAMPLES = """examples:
   # -> the response carries "sentinel": {"p_correct": ..., "features": {...}, ...}
 """
 
-WORKER_EXTENSION = "sentinel_vllm.serving.worker.SentinelWorkerExtension"
-MIDDLEWARE = "sentinel_vllm.serving.server.SentinelMiddleware"
 
 
 def _add_sentinel_options(p: argparse.ArgumentParser) -> None:
@@ -82,16 +87,16 @@ def run(args) -> int:
 
 
 def build_config(ns):
-    """:class:`~sentinel_vllm.serving.server.ServerConfig` from parsed options.
+    """:class:`~sentinel_vllm.serving.api.middleware.ServerConfig` from parsed options.
 
     Raises
     ------
     ValueError
         An unusable sentinel file, baseline file or option value.
     """
-    from sentinel_vllm.serving.metrics import load_baseline
-    from sentinel_vllm.serving.scoring import SentinelScorer, resolve_sentinel_path
-    from sentinel_vllm.serving.server import ServerConfig
+    from sentinel_vllm.serving.api.metrics import load_baseline
+    from sentinel_vllm.serving.api.scoring import SentinelScorer, resolve_sentinel_path
+    from sentinel_vllm.serving.api.middleware import ServerConfig
 
     path = resolve_sentinel_path(ns.sentinel)
     scorer = SentinelScorer.from_path(ns.sentinel)  # ONNX only; warns when it is the default
@@ -123,7 +128,6 @@ def vllm_argv(model: str, rest: list[str]) -> list[str]:
     ValueError
         The user passed ``--worker-extension-cls`` (vLLM takes only one).
     """
-    from sentinel_vllm.serving.processor import processor_fqcn
 
     if any(a == "--worker-extension-cls" or a.startswith("--worker-extension-cls=") for a in rest):
         raise ValueError("--worker-extension-cls is set by sentinel-vllm serve "
@@ -162,18 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg, scorer = build_config(ns)
-        from sentinel_vllm.models import resolve_model
+        from sentinel_vllm.model_assets import resolve_model
 
         # short names (smollm2-135m, qwen2.5-coder-0.5b) become their prepared folder
         args = vllm_argv(resolve_model(ns.model), rest)
-        series = worker_series(scorer, os.environ.get("SENTINEL_SERIES"))
+        series = worker_series(scorer, os.environ.get(SERIES_ENV))
     except (ValueError, FileNotFoundError) as exc:
         print(f"sentinel-vllm serve: error: {exc}", file=sys.stderr)
         return 2
-    from sentinel_vllm.serving.server import CONFIG_ENV
-
     os.environ[CONFIG_ENV] = cfg.to_env()
-    os.environ["SENTINEL_SERIES"] = series  # read by the worker's tracker (serving/tracker.py)
+    os.environ[SERIES_ENV] = series  # read by the worker (serving/worker/tracker_setup.py)
     print(f"sentinel-vllm serve: sentinel {scorer.id} ({scorer.entropy}"
           f"{'' if scorer.k is None else f', k={scorer.k}'}, series {scorer.series!r})",
           file=sys.stderr, flush=True)
@@ -187,7 +189,7 @@ def run_vllm_serve(args: list[str]) -> int:
     from vllm.logger import configure_logging_from_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from sentinel_vllm.serving.identity import install_child_index_patch
+    from sentinel_vllm.serving.api.child_index import install_child_index_patch
 
     install_child_index_patch()  # n > 1: each child's choice index reaches the worker
     cli_env_setup()

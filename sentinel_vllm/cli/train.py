@@ -26,7 +26,7 @@ def add_parser(sub):
 def run(args) -> int:
     import numpy as np
 
-    from sentinel_vllm.model import SentinelClassifier
+    from sentinel_vllm.classifier import SentinelClassifier
     from sentinel_vllm.traces import feature_matrix, series_key
 
     traces = [t for t in _common.load(args) if t.correct is not None]

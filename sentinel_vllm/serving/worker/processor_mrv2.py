@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
 
-from sentinel_vllm.serving import identity
-from sentinel_vllm.serving.tracker import Entry
-from sentinel_vllm.serving.tracker_setup import make_tracker
+from sentinel_vllm.serving.worker import identity
+from sentinel_vllm.serving.worker.tracker import Entry
+from sentinel_vllm.serving.worker.tracker_setup import make_tracker
 
 __all__ = ["SentinelLogitsProcessorMRV2"]
 
@@ -77,7 +77,7 @@ class SentinelLogitsProcessorMRV2(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        """Reject malformed ``sentinel_*`` keys (see :mod:`~sentinel_vllm.serving.identity`)."""
+        """Reject malformed ``sentinel_*`` keys (see :mod:`~sentinel_vllm.serving.worker.identity`)."""
         identity.validate_params(sampling_params)
 
     def add_request(self, req_idx: int, sampling_params) -> bool:

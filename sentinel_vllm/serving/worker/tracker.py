@@ -24,7 +24,7 @@ there.
 
 Processors register their tracker in a process-wide registry
 (:func:`register`, :func:`live_trackers`) through which the worker extension
-(:mod:`sentinel_vllm.serving.worker`) reaches it.
+(:mod:`sentinel_vllm.serving.worker.extension`) reaches it.
 
 References: arXiv 2601.09001 Sec. 3 (per-step entropy, trajectory statistics);
 docs/architecture.md (data flow).
@@ -42,10 +42,10 @@ from typing import Any
 import numpy as np
 
 from sentinel_vllm.features import FEATURE_NAMES
+from sentinel_vllm.serving.contract import DEFAULT_SERIES
 
 __all__ = ["DEFAULT_PARK_TIMEOUT_S", "DEFAULT_SERIES", "SlotTracker", "live_trackers", "register"]
 
-DEFAULT_SERIES: tuple[str, ...] = ("full", "top20")
 DEFAULT_PARK_TIMEOUT_S = 600.0
 
 
@@ -146,7 +146,7 @@ class SlotTracker:
             The request's ``sentinel_id``.
         child : int or None
             Choice index for ``n > 1``; None when unknown (see
-            :mod:`sentinel_vllm.serving.identity`): then an entry whose
+            :mod:`sentinel_vllm.serving.worker.identity`): then an entry whose
             ``params`` object is ``params`` is resumed, else a parked one when
             ``resume_hint`` is true, else a new child index is allocated.
         params : object, optional

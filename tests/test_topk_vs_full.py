@@ -6,7 +6,7 @@ import math
 import pytest
 
 from sentinel_vllm.cli import main
-from sentinel_vllm.compare import COLUMNS, compare_variants, extremes, variant_names
+from sentinel_vllm.topk_vs_full import COLUMNS, compare_variants, extremes, variant_names
 from sentinel_vllm.evaluate import evaluate_composition
 from sentinel_vllm.traces import _parse_record, write_traces
 from synthetic import make_traces
@@ -39,7 +39,7 @@ def test_variants_equal_direct_evaluate():
 def test_cli_writes_table(tmp_path, monkeypatch):
     p = tmp_path / "t.jsonl"
     write_traces(p, make_traces(60, seed=5))
-    import sentinel_vllm.compare as cmp
+    import sentinel_vllm.topk_vs_full as cmp
 
     orig = cmp.compare_variants
     monkeypatch.setattr(cmp, "compare_variants",

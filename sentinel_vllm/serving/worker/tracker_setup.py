@@ -9,12 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sentinel_vllm.serving.tracker import (
-    DEFAULT_PARK_TIMEOUT_S,
-    DEFAULT_SERIES,
-    SlotTracker,
-    register,
-)
+from sentinel_vllm.serving.contract import ADDITIONAL_CONFIG_KEY, DEFAULT_SERIES, SERIES_ENV
+from sentinel_vllm.serving.worker.tracker import DEFAULT_PARK_TIMEOUT_S, SlotTracker, register
 
 __all__ = ["is_sentinel_rank", "make_tracker", "tracker_config"]
 
@@ -48,7 +44,7 @@ def tracker_config(vllm_config: Any) -> dict:
     import os
 
     extra = getattr(vllm_config, "additional_config", None) or {}
-    cfg = dict(extra.get("sentinel", {})) if isinstance(extra, dict) else {}
+    cfg = dict(extra.get(ADDITIONAL_CONFIG_KEY, {})) if isinstance(extra, dict) else {}
 
     def get(key, env, default, conv):
         if key in cfg:
@@ -66,7 +62,7 @@ def tracker_config(vllm_config: Any) -> dict:
         return tuple(s.strip() for s in (v.split(",") if isinstance(v, str) else v) if s.strip())
 
     return {
-        "series": get("series", "SENTINEL_SERIES", DEFAULT_SERIES, series_conv),
+        "series": get("series", SERIES_ENV, DEFAULT_SERIES, series_conv),
         "max_steps": get("max_steps", "SENTINEL_MAX_STEPS", min(int(max_model_len), 32768), int),
         "num_slots": get("num_slots", "SENTINEL_NUM_SLOTS", 2 * int(max_seqs), int),
         "park_timeout_s": get(

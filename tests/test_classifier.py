@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 
 from sentinel_vllm.features import compute_features
-from sentinel_vllm.model import SentinelClassifier
+from sentinel_vllm.classifier import SentinelClassifier
 
 
 def entropy_data(n, seed):

@@ -10,7 +10,7 @@ here is fitted on the OUT-OF-FOLD P(correct) of the selected pipeline
 export instead of an ensemble of ``cv`` forests.
 
 Loading and scoring an exported file: :func:`load_sentinel` (re-exported from
-:mod:`sentinel_vllm.export`); nothing here reads pickle or joblib files.
+:mod:`sentinel_vllm.sentinel_file`); nothing here reads pickle or joblib files.
 """
 
 from __future__ import annotations
@@ -21,16 +21,15 @@ from typing import Sequence
 
 import numpy as np
 
-from sentinel_vllm.export import (
+from sentinel_vllm.sentinel_file import (
     SCHEMA_VERSION,
     Sentinel,
     SentinelFileError,
-    build_sentinel_model,
     load_sentinel,
     normalise_entropy,
-    write_sentinel,
 )
 from sentinel_vllm.features import FEATURE_NAMES
+from sentinel_vllm.onnx_graph import build_sentinel_model, write_sentinel
 
 __all__ = ["SentinelClassifier", "Sentinel", "SentinelFileError", "load_sentinel"]
 

@@ -105,7 +105,7 @@ def compare_variants(
     random_state : int
         Seed shared by every variant (same splits, same forest seeds).
     classifier_params : dict, optional
-        Passed to :class:`sentinel_vllm.model.SentinelClassifier`.
+        Passed to :class:`sentinel_vllm.classifier.SentinelClassifier`.
 
     Returns
     -------

@@ -16,10 +16,11 @@ from onnx import numpy_helper as nh
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.isotonic import IsotonicRegression
 
-from sentinel_vllm import export
+from sentinel_vllm import onnx_graph
+from sentinel_vllm import sentinel_file as export
 from sentinel_vllm.features import FEATURE_NAMES
-from sentinel_vllm.model import SentinelClassifier, SentinelFileError, load_sentinel
-from test_model import entropy_data
+from sentinel_vllm.classifier import SentinelClassifier, SentinelFileError, load_sentinel
+from test_classifier import entropy_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +101,7 @@ def _isotonic_session(iso):
         nodes.append(h.make_node(op, ins, [out], **kw))
         return out
 
-    out = export._isotonic_nodes("p", iso, const, node)
+    out = onnx_graph._isotonic_nodes("p", iso, const, node)
     g = h.make_graph(nodes, "iso", [h.make_tensor_value_info("p", TP.DOUBLE, ["n"])],
                      [h.make_tensor_value_info(out, TP.DOUBLE, ["n"])], initializer=inits)
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)], ir_version=10)
@@ -150,7 +151,7 @@ def test_one_leaf_trees_and_no_scaler():
     rf = RandomForestClassifier(n_estimators=40, random_state=0).fit(X, y)
     assert any(e.tree_.node_count == 1 for e in rf.estimators_)
     meta = {"schema_version": 1, "feature_names": list(FEATURE_NAMES), "entropy": "full", "k": None}
-    sess = ort.InferenceSession(export.build_sentinel_model(None, rf, None, meta)
+    sess = ort.InferenceSession(onnx_graph.build_sentinel_model(None, rf, None, meta)
                                 .SerializeToString(), providers=["CPUExecutionProvider"])
     Xt = np.random.default_rng(0).uniform(-10, 80, (500, 11))
     got = sess.run(["probabilities"], {"features": Xt})[0]
@@ -312,7 +313,7 @@ def test_nothing_in_the_package_loads_pickle_or_joblib():
 
 
 def test_outputs_outside_unit_interval_are_refused():
-    from sentinel_vllm.export import Sentinel, SentinelFileError
+    from sentinel_vllm.sentinel_file import Sentinel, SentinelFileError
 
     class FakeSession:
         def run(self, names, feeds):

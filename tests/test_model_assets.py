@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sentinel_vllm import models
+from sentinel_vllm import model_assets as models
 from sentinel_vllm.cli import main
 
 REAL_CACHE = Path.home() / ".cache" / "sentinel-vllm" / "models"

@@ -5,13 +5,13 @@ launch vLLM themselves can do the same (see ``sentinel_vllm/serving/README.md``)
 
     SENTINEL_VLLM_SENTINEL=s.onnx vllm serve MODEL \\
         --logits-processors <processor class> \\
-        --worker-extension-cls sentinel_vllm.serving.worker.SentinelWorkerExtension \\
-        --middleware sentinel_vllm.serving.server.SentinelMiddleware
+        --worker-extension-cls sentinel_vllm.serving.worker.extension.SentinelWorkerExtension \\
+        --middleware sentinel_vllm.serving.api.middleware.SentinelMiddleware
 
 For ``POST /v1/chat/completions`` and ``/v1/completions`` it
 
 1. sets ``vllm_xargs["sentinel_id"]`` to a fresh server-chosen id (client ids are
-   overwritten; :func:`~sentinel_vllm.serving.response.prepare_request`);
+   overwritten; :func:`~sentinel_vllm.serving.api.response.prepare_request`);
 2. lets vLLM serve the request; when the response is complete (JSON) or reaches
    ``data: [DONE]`` (stream), asks the worker for the request's statistics with
    ONE batched ``collective_rpc("sentinel_fetch")`` for all requests finished in
@@ -33,7 +33,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 
-from sentinel_vllm.serving.response import (
+from sentinel_vllm.serving.api.response import (
     SENTINEL_PATHS,
     SSERewriter,
     attach_blocks,
@@ -41,15 +41,13 @@ from sentinel_vllm.serving.response import (
     new_sentinel_id,
     prepare_request,
 )
-from sentinel_vllm.serving.fetch import BatchFetcher
-from sentinel_vllm.serving.worker import first_answer
-from sentinel_vllm.serving.scoring import SentinelScorer, error_block
+from sentinel_vllm.serving.api.fetch import BatchFetcher
+from sentinel_vllm.serving.api.scoring import SentinelScorer, error_block
+from sentinel_vllm.serving.contract import CONFIG_ENV, RPC_STATS, SENTINEL_ENV, XARG_FAULT, first_answer
 
 __all__ = ["ServerConfig", "SentinelMiddleware", "CONFIG_ENV"]
 
 log = logging.getLogger("sentinel_vllm.serving")
-CONFIG_ENV = "SENTINEL_VLLM_CONFIG"  # JSON of ServerConfig, set by `sentinel-vllm serve`
-SENTINEL_ENV = "SENTINEL_VLLM_SENTINEL"  # shortcut: just the sentinel path
 
 
 @dataclass
@@ -66,7 +64,7 @@ class ServerConfig:
     drift_margin : float
         Accuracy points below baseline that raise the drift alert.
     baseline : str or None
-        Baseline JSON path (:func:`sentinel_vllm.serving.metrics.load_baseline`).
+        Baseline JSON path (:func:`sentinel_vllm.serving.api.metrics.load_baseline`).
     replica : str or None
         Replica label (default: hostname).
     window_count : int
@@ -132,7 +130,7 @@ class _State:
     """Per-process objects created on the first request (they need the engine client)."""
 
     def __init__(self, mw: "SentinelMiddleware", app_state):
-        from sentinel_vllm.serving.metrics import SentinelMetrics
+        from sentinel_vllm.serving.api.metrics import SentinelMetrics
 
         cfg = mw.config
         engine = getattr(app_state, "engine_client", None)
@@ -193,8 +191,8 @@ class SentinelMiddleware:
         self.scorer = SentinelScorer.from_path(self.config.sentinel)
         self.metrics_factory = metrics_factory
         self._state: _State | None = None
-        try:  # n > 1: give each child its choice index (see serving/identity.py)
-            from sentinel_vllm.serving.identity import install_child_index_patch
+        try:  # n > 1: give each child its choice index (see serving/api/child_index.py)
+            from sentinel_vllm.serving.api.child_index import install_child_index_patch
 
             install_child_index_patch()
         except ImportError:
@@ -220,7 +218,7 @@ class SentinelMiddleware:
 
     async def _stats(self, scope, send) -> None:
         try:
-            stats = first_answer(await self.state(scope).rpc("sentinel_stats", ())) or {}
+            stats = first_answer(await self.state(scope).rpc(RPC_STATS, ())) or {}
             status, body = 200, {"sentinel": self.scorer.id, "worker": stats}
         except Exception as exc:  # noqa: BLE001
             status, body = 503, {"error": f"{type(exc).__name__}: {exc}"}
@@ -246,9 +244,9 @@ class SentinelMiddleware:
         except ValueError:
             return await self.app(scope, _replay(raw, receive), send)  # vLLM reports it
         xa = obj.get("vllm_xargs") if isinstance(obj.get("vllm_xargs"), dict) else {}
-        fault = self.config.fault_injection and xa.get("sentinel_fault") == "scoring"
-        if "sentinel_fault" in xa:
-            obj = dict(obj, vllm_xargs={k: v for k, v in xa.items() if k != "sentinel_fault"})
+        fault = self.config.fault_injection and xa.get(XARG_FAULT) == "scoring"
+        if XARG_FAULT in xa:
+            obj = dict(obj, vllm_xargs={k: v for k, v in xa.items() if k != XARG_FAULT})
         body, opts = prepare_request(obj, new_sentinel_id())
         multi_prompt = scope["path"] == "/v1/completions" and _n_prompts(obj.get("prompt")) > 1
         if multi_prompt and opts.enabled:  # one id cannot follow several prompts

@@ -12,7 +12,7 @@ It starts ``vllm.LLM`` with the sentinel logits processor and worker extension,
 gives every prompt its own ``extra_args["sentinel_id"]``, and after ``generate``/
 ``chat`` fetches all statistics in one ``collective_rpc("sentinel_fetch")`` and
 scores them in one ONNX call; each ``CompletionOutput`` gets a ``.sentinel`` dict,
-the same block as the API server's (:mod:`sentinel_vllm.serving.scoring`).
+the same block as the API server's (:mod:`sentinel_vllm.serving.api.scoring`).
 """
 
 from __future__ import annotations
@@ -20,12 +20,20 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from sentinel_vllm.serving.response import new_sentinel_id
-from sentinel_vllm.serving.scoring import SentinelScorer, worker_series
+from sentinel_vllm.serving.api.response import new_sentinel_id
+from sentinel_vllm.serving.api.scoring import SentinelScorer, worker_series
+from sentinel_vllm.serving.contract import (
+    RPC_FETCH,
+    SERIES_ENV,
+    WORKER_EXTENSION,
+    XARG_ID,
+    XARG_N,
+    first_answer,
+    processor_fqcn,
+)
 
 __all__ = ["LLM"]
 
-WORKER_EXTENSION = "sentinel_vllm.serving.worker.SentinelWorkerExtension"
 
 
 class LLM:
@@ -44,7 +52,7 @@ class LLM:
     Raises
     ------
     ValueError
-        Bad sentinel file (:class:`~sentinel_vllm.model.SentinelFileError`), a
+        Bad sentinel file (:class:`~sentinel_vllm.sentinel_file.SentinelFileError`), a
         ``worker_extension_cls`` of the caller's, or ``$SENTINEL_SERIES`` without
         the sentinel's series.
 
@@ -63,11 +71,10 @@ class LLM:
         self.scorer = SentinelScorer.from_path(sentinel)
         if "worker_extension_cls" in vllm_kwargs:
             raise ValueError(f"worker_extension_cls is set by sentinel_vllm.LLM ({WORKER_EXTENSION})")
-        os.environ["SENTINEL_SERIES"] = worker_series(self.scorer, os.environ.get("SENTINEL_SERIES"))
+        os.environ[SERIES_ENV] = worker_series(self.scorer, os.environ.get(SERIES_ENV))
         from vllm import LLM as VllmLLM
 
-        from sentinel_vllm.serving.identity import install_child_index_patch
-        from sentinel_vllm.serving.processor import processor_fqcn
+        from sentinel_vllm.serving.api.child_index import install_child_index_patch
 
         install_child_index_patch()
         use_v2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("", "0")
@@ -123,17 +130,15 @@ class LLM:
         for sp in sampling_params:
             sid = new_sentinel_id()
             p = sp.clone()
-            p.extra_args = {**(sp.extra_args or {}), "sentinel_id": sid, "sentinel_n": int(sp.n)}
+            p.extra_args = {**(sp.extra_args or {}), XARG_ID: sid, XARG_N: int(sp.n)}
             params.append(p)
             ids.append(sid)
         return params, ids
 
     def _attach(self, outs, ids: list[str], slices) -> None:
-        from sentinel_vllm.serving.worker import first_answer
-
         if isinstance(slices, str) or slices is None:
             slices = [slices or "default"] * len(ids)
-        res = first_answer(self.llm.collective_rpc("sentinel_fetch", args=(ids,))) or {}
+        res = first_answer(self.llm.collective_rpc(RPC_FETCH, args=(ids,))) or {}
         samples, labels, where = [], [], []
         for out, sid, label in zip(outs, ids, slices):
             got = {int(s.get("child", 0)): s for s in res.get(sid) or ()}

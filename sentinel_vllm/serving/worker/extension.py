@@ -1,31 +1,32 @@
 """Worker-side result channel: a vLLM worker extension reached by ``collective_rpc``.
 
 Launch vLLM with ``--worker-extension-cls
-sentinel_vllm.serving.worker.SentinelWorkerExtension`` (``worker_extension_cls=``
+sentinel_vllm.serving.worker.extension.SentinelWorkerExtension`` (``worker_extension_cls=``
 for ``vllm.LLM``); vLLM mixes the class into its worker, so the methods below
 run in every worker process, between model steps. They reach the processor(s)
-of that process through the registry in :mod:`sentinel_vllm.serving.tracker`.
+of that process through the registry in :mod:`sentinel_vllm.serving.worker.tracker`.
 
 Tensor parallelism: only tensor-parallel rank 0 of the last pipeline stage
-creates a tracker (:func:`~sentinel_vllm.serving.tracker_setup.is_sentinel_rank`);
+creates a tracker (:func:`~sentinel_vllm.serving.worker.tracker_setup.is_sentinel_rank`);
 on the other ranks every method answers empty (``sentinel_stats`` says
 ``"rank_active": False``). ``collective_rpc`` returns one answer per worker in
 rank order; the API server uses the first non-empty one (rank 0's), see
-:func:`first_answer`.
+:func:`sentinel_vllm.serving.contract.first_answer`.
 
 Usage from the frontend::
 
     answers = llm.collective_rpc("sentinel_fetch", args=(["id-1", "id-2"],))
-    results = first_answer(answers)  # {"id-1": [{"child": 0, "n_steps": ..., ...}], ...}
+    results = contract.first_answer(answers)  # {"id-1": [{"child": 0, "n_steps": ..., ...}], ...}
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sentinel_vllm.serving.tracker import live_trackers
+from sentinel_vllm.serving.contract import STATS_KEYS
+from sentinel_vllm.serving.worker.tracker import live_trackers
 
-__all__ = ["SentinelWorkerExtension", "first_answer"]
+__all__ = ["SentinelWorkerExtension"]
 
 
 def _merge(parts: list[dict]) -> dict:
@@ -99,29 +100,10 @@ class SentinelWorkerExtension:
             ``rank_active`` (False on ranks that do no sentinel work).
         """
         trackers = live_trackers()
-        total: dict[str, Any] = {
-            "active": 0,
-            "released_active": 0,
-            "parked": 0,
-            "free_slots": 0,
-            "num_slots": 0,
-            "untracked_pool_full": 0,
-            "untracked_lost": 0,
-            "evicted_timeout": 0,
-            "evicted_lru": 0,
-            "failed": 0,
-        }
+        total: dict[str, Any] = dict.fromkeys(STATS_KEYS, 0)
         for t in trackers:
             for k, v in t.stats().items():
                 total[k] = total.get(k, 0) + v
         total["trackers"] = len(trackers)
         total["rank_active"] = bool(trackers)
         return total
-
-
-def first_answer(answers: list) -> Any:
-    """Rank 0's answer from a ``collective_rpc`` result list (first non-empty)."""
-    for a in answers:
-        if a:
-            return a
-    return answers[0] if answers else {}

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import uuid
 
+from sentinel_vllm.serving.contract import CLIENT_KEYS, XARG_ID, XARG_N, XARG_OPT, XARG_SLICE
+
 __all__ = [
     "SentinelOptions",
     "prepare_request",
@@ -30,7 +32,6 @@ __all__ = [
 
 # Endpoints whose requests are tracked.
 SENTINEL_PATHS = ("/v1/chat/completions", "/v1/completions")
-_CLIENT_KEYS = ("sentinel_id", "sentinel_slice", "sentinel", "sentinel_child", "sentinel_n")
 
 
 def new_sentinel_id() -> str:
@@ -86,21 +87,21 @@ def prepare_request(body: dict, sentinel_id: str) -> tuple[dict, SentinelOptions
     body = dict(body)
     xargs = body.get("vllm_xargs")
     xargs = dict(xargs) if isinstance(xargs, dict) else {}
-    client = {k: xargs.pop(k) for k in _CLIENT_KEYS if k in xargs}
-    opt_out = client.get("sentinel") is False or str(client.get("sentinel")).lower() in (
+    client = {k: xargs.pop(k) for k in CLIENT_KEYS if k in xargs}
+    opt_out = client.get(XARG_OPT) is False or str(client.get(XARG_OPT)).lower() in (
         "false",
         "0",
         "off",
     )
-    slice_label = client.get("sentinel_slice")
+    slice_label = client.get(XARG_SLICE)
     n = _requested_n(body.get("n"))
     if n is None:
         n = 1  # absent or invalid (vLLM rejects an invalid n itself)
     elif body.get("n") != n or type(body.get("n")) is not int:
         body["n"] = n  # "3" or 3.0: vLLM's pydantic model would read 3; make that explicit
     if not opt_out:
-        xargs["sentinel_id"] = sentinel_id
-        xargs["sentinel_n"] = n  # the worker's child bookkeeping (serving/identity.py)
+        xargs[XARG_ID] = sentinel_id
+        xargs[XARG_N] = n  # the worker's child bookkeeping (serving/worker/identity.py)
     if xargs:
         body["vllm_xargs"] = xargs
     else:

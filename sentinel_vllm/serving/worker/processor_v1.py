@@ -41,9 +41,9 @@ from vllm.v1.sample.logits_processor import (
     MoveDirectionality,
 )
 
-from sentinel_vllm.serving import identity
-from sentinel_vllm.serving.tracker import Entry
-from sentinel_vllm.serving.tracker_setup import make_tracker
+from sentinel_vllm.serving.worker import identity
+from sentinel_vllm.serving.worker.tracker import Entry
+from sentinel_vllm.serving.worker.tracker_setup import make_tracker
 
 __all__ = ["SentinelLogitsProcessor"]
 
@@ -58,7 +58,7 @@ class SentinelLogitsProcessor(LogitsProcessor):
     vllm_config : vllm.config.VllmConfig
         Read for ``max_num_seqs``, ``max_model_len`` and
         ``additional_config["sentinel"]`` (see
-        :func:`sentinel_vllm.serving.tracker_setup.tracker_config`).
+        :func:`sentinel_vllm.serving.worker.tracker_setup.tracker_config`).
     device : torch.device
     is_pin_memory : bool
 
@@ -80,7 +80,7 @@ class SentinelLogitsProcessor(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        """Reject malformed ``sentinel_*`` keys (see :mod:`~sentinel_vllm.serving.identity`)."""
+        """Reject malformed ``sentinel_*`` keys (see :mod:`~sentinel_vllm.serving.worker.identity`)."""
         identity.validate_params(sampling_params)
 
     def is_argmax_invariant(self) -> bool:

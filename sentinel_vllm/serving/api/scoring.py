@@ -4,7 +4,7 @@ Runs in the API-server process (and in the offline helper), never in the worker:
 the worker hands back the 11 trajectory statistics per sample
 (``sentinel_fetch``), this module turns them into ``P(correct)`` with one
 onnxruntime call per batch (arXiv 2601.09001 Sec. 3.3, forest + isotonic
-calibration exported by :mod:`sentinel_vllm.model`).
+calibration exported by :mod:`sentinel_vllm.onnx_graph`).
 
 The block (per choice when ``n > 1``, top level when ``n = 1``)::
 
@@ -26,9 +26,9 @@ from typing import Sequence
 
 import numpy as np
 
-from sentinel_vllm.export import DEFAULT_SENTINEL, normalise_entropy, resolve_sentinel_path
+from sentinel_vllm.sentinel_file import DEFAULT_SENTINEL, normalise_entropy, resolve_sentinel_path
 from sentinel_vllm.features import FEATURE_NAMES
-from sentinel_vllm.serving.tracker import DEFAULT_SERIES
+from sentinel_vllm.serving.contract import DEFAULT_SERIES
 
 __all__ = [
     "SentinelScorer",
@@ -49,7 +49,7 @@ def series_name(entropy: str, k: int | None) -> str:
         The sentinel's ``metadata["entropy"]``: ``"full"``, ``"topk"`` (paper's
         top-k, needs ``k``), ``"topk_renorm"`` (needs ``k``) or an explicit series
         name such as ``"top20"`` (normalised by
-        :func:`sentinel_vllm.export.normalise_entropy`).
+        :func:`sentinel_vllm.sentinel_file.normalise_entropy`).
     k : int or None
 
     Returns
@@ -110,7 +110,7 @@ class ScoredSample:
     block : dict
         The response's ``sentinel`` block (or ``{"error": ...}``).
     reason : str or None
-        Error reason (one of :data:`sentinel_vllm.serving.metrics.ERROR_REASONS`) or None.
+        Error reason (one of :data:`sentinel_vllm.serving.api.metrics.ERROR_REASONS`) or None.
     p_correct : float or None
     mean_entropy : float or None
         Mean per-step entropy of the series used, nats.
@@ -136,7 +136,7 @@ class SentinelScorer:
     Parameters
     ----------
     sentinel : object
-        A loaded sentinel (:func:`sentinel_vllm.model.load_sentinel`): needs
+        A loaded sentinel (:func:`sentinel_vllm.sentinel_file.load_sentinel`): needs
         ``p_correct(X) -> (n,)``, ``metadata`` and ``id``.
     vocab_size : int, optional
         Reported as ``k`` for full-vocabulary sentinels.
@@ -169,11 +169,11 @@ class SentinelScorer:
         Raises
         ------
         ValueError
-            (:class:`~sentinel_vllm.model.SentinelFileError` is a subclass) for a
+            (:class:`~sentinel_vllm.sentinel_file.SentinelFileError` is a subclass) for a
             missing, unreadable, non-ONNX or wrong-schema file, or ``"default"``
             while none is bundled.
         """
-        from sentinel_vllm.model import load_sentinel
+        from sentinel_vllm.sentinel_file import load_sentinel
 
         sent = load_sentinel(path)  # resolves "default"
         return cls(sent, vocab_size=vocab_size)

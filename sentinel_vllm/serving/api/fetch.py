@@ -2,7 +2,7 @@
 
 Finished requests are collected for a few milliseconds; then ONE
 ``collective_rpc("sentinel_fetch")`` fetches all of them from the worker
-(:mod:`sentinel_vllm.serving.worker`; with tensor parallelism rank 0 answers, the
+(:mod:`sentinel_vllm.serving.worker.extension`; with tensor parallelism rank 0 answers, the
 other ranks return empty), the ONNX sentinel scores the batch in a thread (never
 on the event loop), the metrics are updated, and each waiting response gets its
 blocks. Requests whose statistics do not arrive in time get an error block and
@@ -16,8 +16,8 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from sentinel_vllm.serving.scoring import SentinelScorer, error_block
-from sentinel_vllm.serving.worker import first_answer
+from sentinel_vllm.serving.api.scoring import SentinelScorer, error_block
+from sentinel_vllm.serving.contract import RPC_DISCARD, RPC_FETCH, RPC_TRAJECTORIES, first_answer
 
 __all__ = ["BatchFetcher"]
 
@@ -68,7 +68,7 @@ class BatchFetcher:
     async def discard(self, sentinel_ids: list[str]) -> None:
         """Free worker state of aborted requests (errors are logged, not raised)."""
         try:
-            await self.rpc("sentinel_discard", (list(sentinel_ids),))
+            await self.rpc(RPC_DISCARD, (list(sentinel_ids),))
         except Exception as exc:  # noqa: BLE001
             log.warning("sentinel_discard failed: %s", exc)
 
@@ -79,13 +79,13 @@ class BatchFetcher:
             try:
                 if self.return_trajectory:  # before fetch: fetch releases the state
                     self.rpc_calls += 1
-                    tr = first_answer(await self.rpc("sentinel_trajectories", (ids,))) or {}
+                    tr = first_answer(await self.rpc(RPC_TRAJECTORIES, (ids,))) or {}
                     for sid in ids:
                         for t in tr.get(sid) or ():
                             series = (t.get("series") or {}).get(self.scorer.series)
                             self._pending[sid]["traj"][int(t.get("child", 0))] = series
                 self.rpc_calls += 1
-                res = first_answer(await self.rpc("sentinel_fetch", (ids,))) or {}
+                res = first_answer(await self.rpc(RPC_FETCH, (ids,))) or {}
             except Exception as exc:  # noqa: BLE001
                 self._fail(ids, f"sentinel fetch failed: {type(exc).__name__}: {exc}", "rpc")
                 continue
