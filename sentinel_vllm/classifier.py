@@ -76,6 +76,10 @@ class SentinelClassifier:
     cv_auroc_ : float
         Mean CV ROC-AUC of the selected grid point.
     oof_auroc_ : float or None
+    oof_proba_ : ndarray of float64, shape (n,), or None
+        Calibrated out-of-fold P(correct) of the training responses (isotonic applied
+        to the out-of-fold forest probabilities); what slice estimators beyond the
+        mean (:mod:`sentinel_vllm.quantify`) are fitted on. None without calibration.
         ROC-AUC of the out-of-fold probabilities the calibration was fitted on.
     n_splits_ : int
     classes_ : ndarray of bool, ``[False, True]``
@@ -166,6 +170,7 @@ class SentinelClassifier:
         self.cv_auroc_ = float(search.best_score_)
         self.isotonic_ = None
         self.oof_auroc_ = None
+        self.oof_proba_ = None
         if self.calibrate:
             from sklearn.base import clone
 
@@ -174,6 +179,7 @@ class SentinelClassifier:
             self.oof_auroc_ = float(roc_auc_score(y, oof))
             self.isotonic_ = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0)
             self.isotonic_.fit(oof, y.astype(np.float64))
+            self.oof_proba_ = self.isotonic_.predict(oof)
         self.classes_ = np.array([False, True])
         self.n_features_in_ = X.shape[1]
         self.n_train_, self.n_correct_ = len(y), n_pos
