@@ -78,8 +78,23 @@ def make_app(engine, sentinel, metrics_reg):
                              "choices": [{"index": c, "message": {"content": "x"}} for c in range(n)],
                              "usage": {"completion_tokens": T * n}})
 
+    async def other(request):  # /v1/responses, /v1/messages, generate: the worker parks any id
+        body = await request.json()
+        xa = body.get("vllm_xargs") or (body.get("sampling_params") or {}).get("extra_args") or {}
+        engine.seen_xargs.append(xa)
+        if "sentinel_id" in xa:
+            engine.parked[xa["sentinel_id"]] = [
+                {"child": 0, "n_steps": 3, "nan_steps": 0, "truncated": False,
+                 "features": {"full": compute_features(traj(0, 3)).tolist()}}]
+        return JSONResponse({"id": "resp-1", "object": "response", "status": "completed",
+                             "output": [{"type": "message", "content": [
+                                 {"type": "output_text", "text": "x"}]}],
+                             "usage": {"output_tokens": 3}})
+
     app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
-                            Route("/v1/completions", chat, methods=["POST"])])
+                            Route("/v1/completions", chat, methods=["POST"]),
+                            *(Route(p, other, methods=["POST"]) for p in
+                              ("/v1/responses", "/v1/messages", "/inference/v1/generate"))])
     app.state.engine_client = engine
 
     def factory(**kw):
@@ -280,3 +295,33 @@ def _find_cfg(app):
         if m.cls is SentinelMiddleware:
             return m.kwargs["config"]
     raise AssertionError("middleware not installed")
+
+
+CLIENT_XARGS = {"sentinel_id": "client-chosen", "sentinel_n": 2, "sentinel_child": 1,
+                "sentinel_slice": "gsm8k", "sentinel_future_key": 1, "temperature_hint": 1}
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/responses", {"input": "hello"}),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}),
+    ("/v1/completions", {"prompt": ["a", "b"]}),
+    ("/v1/completions", {"prompt": "a"}),
+    ("/v1/chat/completions", {"messages": []}),
+    ("/inference/v1/generate", {"token_ids": [1, 2], "sampling_params": {
+        "max_tokens": 3, "extra_args": dict(CLIENT_XARGS)}}),
+])
+def test_worker_never_sees_a_client_chosen_id(env, path, body):
+    # issue 11 item 1: /v1/responses and /v1/messages reached the worker with the
+    # client's sentinel_id; the state was parked and never fetched (a slot leak).
+    engine, reg, client, parts = env
+    r = run(client.post(path, json=dict(body, vllm_xargs=dict(CLIENT_XARGS))))
+    assert r.status_code == 200, r.text
+    (seen,) = engine.seen_xargs
+    assert not [k for k in seen if k.startswith("sentinel") and k not in ("sentinel_id", "sentinel_n")]
+    assert seen.get("temperature_hint") == 1  # other keys pass
+    if "sentinel_id" in seen:
+        assert seen["sentinel_id"].startswith("snt-") and seen["sentinel_n"] == 1
+    assert engine.parked == {}  # nothing left behind in the "worker"
+    r = run(client.get("/sentinel/stats"))
+    assert r.json()["worker"] == {"active": 0, "parked": 0}
+

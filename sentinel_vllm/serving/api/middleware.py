@@ -40,6 +40,7 @@ from sentinel_vllm.serving.api.response import (
     final_chunk,
     new_sentinel_id,
     prepare_request,
+    strip_client_keys,
 )
 from sentinel_vllm.serving.api.fetch import BatchFetcher
 from sentinel_vllm.serving.api.scoring import SentinelScorer, error_block
@@ -212,6 +213,8 @@ class SentinelMiddleware:
             return await self._tracked(scope, receive, send)
         if method == "GET" and path == "/sentinel/stats":
             return await self._stats(scope, send)
+        if method in ("POST", "PUT", "PATCH"):
+            return await self._stripped(scope, receive, send)
         if path.startswith("/metrics") and self._state is not None:
             self._state.metrics.refresh()  # expire old window entries before the scrape
         return await self.app(scope, receive, send)
@@ -228,21 +231,25 @@ class SentinelMiddleware:
                                 (b"content-length", str(len(data)).encode())]})
         await send({"type": "http.response.body", "body": data})
 
+    async def _stripped(self, scope, receive, send) -> None:
+        """Any other request with a JSON body: forward it without client sentinel keys."""
+        ctype = dict(scope.get("headers", [])).get(b"content-type", b"").lower()
+        if ctype.startswith((b"multipart/", b"application/x-www-form-urlencoded")):
+            return await self.app(scope, receive, send)
+        raw, tail = await _read_body(receive)
+        obj = _json_object(raw)
+        if obj is not None and tail is None:
+            new, _ = strip_client_keys(obj)
+            if new is not obj:
+                raw = json.dumps(new).encode()
+                scope = _with_length(scope, len(raw))
+        return await self.app(scope, _replay(raw, receive, tail), send)
+
     async def _tracked(self, scope, receive, send) -> None:
-        chunks, more = [], True
-        while more:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return await self.app(scope, _replay(b"".join(chunks), receive, msg), send)
-            chunks.append(msg.get("body", b""))
-            more = msg.get("more_body", False)
-        raw = b"".join(chunks)
-        try:
-            obj = json.loads(raw)
-            if not isinstance(obj, dict):
-                raise ValueError
-        except ValueError:
-            return await self.app(scope, _replay(raw, receive), send)  # vLLM reports it
+        raw, tail = await _read_body(receive)
+        obj = _json_object(raw)
+        if obj is None or tail is not None:  # vLLM reports bad JSON; a disconnect ends it
+            return await self.app(scope, _replay(raw, receive, tail), send)
         xa = obj.get("vllm_xargs") if isinstance(obj.get("vllm_xargs"), dict) else {}
         fault = self.config.fault_injection and xa.get(XARG_FAULT) == "scoring"
         if XARG_FAULT in xa:
@@ -254,9 +261,7 @@ class SentinelMiddleware:
                 body["vllm_xargs"].pop(key)
             body["vllm_xargs"] = body["vllm_xargs"] or None
         new_raw = json.dumps(body).encode()
-        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
-        headers.append((b"content-length", str(len(new_raw)).encode()))
-        scope = dict(scope, headers=headers)
+        scope = _with_length(scope, len(new_raw))
         if not opts.enabled:
             return await self.app(scope, _replay(new_raw, receive), send)
         if multi_prompt:
@@ -277,6 +282,32 @@ class SentinelMiddleware:
         finally:
             if not rw.completed and not multi_prompt and self._state is not None:
                 asyncio.ensure_future(self._state.fetcher.discard([opts.sentinel_id]))
+
+
+async def _read_body(receive):
+    """The whole request body, and a message to replay after it (a disconnect) or None."""
+    chunks, more = [], True
+    while more:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return b"".join(chunks), msg
+        chunks.append(msg.get("body", b""))
+        more = msg.get("more_body", False)
+    return b"".join(chunks), None
+
+
+def _json_object(raw: bytes) -> dict | None:
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _with_length(scope, length: int):
+    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+    headers.append((b"content-length", str(length).encode()))
+    return dict(scope, headers=headers)
 
 
 def _n_prompts(prompt) -> int:

@@ -18,11 +18,13 @@ from __future__ import annotations
 import json
 import uuid
 
-from sentinel_vllm.serving.contract import CLIENT_KEYS, XARG_ID, XARG_N, XARG_OPT, XARG_SLICE
+from sentinel_vllm.serving.contract import XARG_ID, XARG_N, XARG_OPT, XARG_SLICE
 
 __all__ = [
     "SentinelOptions",
     "prepare_request",
+    "strip_client_keys",
+    "is_client_key",
     "new_sentinel_id",
     "attach_blocks",
     "final_chunk",
@@ -64,7 +66,59 @@ class SentinelOptions:
         return self.sentinel_id is not None
 
 
-def prepare_request(body: dict, sentinel_id: str) -> tuple[dict, SentinelOptions]:
+def is_client_key(key) -> bool:
+    """True for a key the sentinel reserves (``sentinel`` and every ``sentinel*`` key).
+
+    Such keys in a client's ``vllm_xargs`` are read by the API side (slice,
+    opt-out) and never reach the engine: the worker tracks only ids the server
+    minted (:data:`~sentinel_vllm.serving.contract.CLIENT_KEYS` and any future
+    ``sentinel_*`` key alike).
+    """
+    return isinstance(key, str) and key.lower().startswith("sentinel")
+
+
+def strip_client_keys(body: dict) -> tuple[dict, dict]:
+    """Remove every sentinel key a client put where vLLM reads ``extra_args``.
+
+    vLLM copies ``vllm_xargs`` (chat, completions, responses, messages, speech)
+    and ``sampling_params.extra_args`` (token-in/token-out ``generate``) into
+    ``SamplingParams.extra_args``, where the worker looks for
+    ``sentinel_id``; both are cleaned.
+
+    Parameters
+    ----------
+    body : dict
+        Parsed JSON request body (not modified).
+
+    Returns
+    -------
+    (dict, dict)
+        The body without those keys (the same object when nothing was removed;
+        an emptied ``vllm_xargs`` is dropped) and the removed ``vllm_xargs``
+        keys with their values.
+    """
+    removed: dict = {}
+    out = body
+    xargs = body.get("vllm_xargs")
+    if isinstance(xargs, dict) and any(is_client_key(k) for k in xargs):
+        removed = {k: v for k, v in xargs.items() if is_client_key(k)}
+        kept = {k: v for k, v in xargs.items() if not is_client_key(k)}
+        out = dict(body)
+        if kept:
+            out["vllm_xargs"] = kept
+        else:
+            out.pop("vllm_xargs")
+    sp = body.get("sampling_params")
+    extra = sp.get("extra_args") if isinstance(sp, dict) else None
+    if isinstance(extra, dict) and any(is_client_key(k) for k in extra):
+        kept = {k: v for k, v in extra.items() if not is_client_key(k)}
+        out = dict(out) if out is body else out
+        out["sampling_params"] = dict(sp, extra_args=kept or None)
+    return out, removed
+
+
+def prepare_request(body: dict, sentinel_id: str, *, has_n: bool = True
+                    ) -> tuple[dict, SentinelOptions]:
     """Rewrite a request body so the worker tracks it under a server-chosen id.
 
     Parameters
@@ -73,6 +127,9 @@ def prepare_request(body: dict, sentinel_id: str) -> tuple[dict, SentinelOptions
         Parsed JSON of a ``/v1/chat/completions`` or ``/v1/completions`` request.
     sentinel_id : str
         The id to set (e.g. :func:`new_sentinel_id`).
+    has_n : bool
+        False for endpoints without ``n`` (``/v1/responses``): one choice,
+        whatever the body says.
 
     Returns
     -------
@@ -80,24 +137,25 @@ def prepare_request(body: dict, sentinel_id: str) -> tuple[dict, SentinelOptions
         A new body (the input is not modified) whose ``vllm_xargs`` holds
         ``sentinel_id`` and ``sentinel_n`` (unless the client sent
         ``sentinel: false``) and none of the client's sentinel keys
-        (``sentinel_id``, ``sentinel_slice``, ``sentinel``, ``sentinel_child``,
-        ``sentinel_n``), with ``n`` written as a JSON integer when the client
-        sent one vLLM coerces (``"3"``, ``3.0``); and the options.
+        (:func:`is_client_key`: ``sentinel_id``, ``sentinel_slice``, ``sentinel``,
+        ``sentinel_child``, ``sentinel_n``, any other ``sentinel*``), with ``n``
+        written as a JSON integer when the client sent one vLLM coerces
+        (``"3"``, ``3.0``); and the options.
     """
+    body, client = strip_client_keys(body)
     body = dict(body)
     xargs = body.get("vllm_xargs")
     xargs = dict(xargs) if isinstance(xargs, dict) else {}
-    client = {k: xargs.pop(k) for k in CLIENT_KEYS if k in xargs}
     opt_out = client.get(XARG_OPT) is False or str(client.get(XARG_OPT)).lower() in (
         "false",
         "0",
         "off",
     )
     slice_label = client.get(XARG_SLICE)
-    n = _requested_n(body.get("n"))
+    n = _requested_n(body.get("n")) if has_n else 1
     if n is None:
         n = 1  # absent or invalid (vLLM rejects an invalid n itself)
-    elif body.get("n") != n or type(body.get("n")) is not int:
+    elif has_n and (body.get("n") != n or type(body.get("n")) is not int):
         body["n"] = n  # "3" or 3.0: vLLM's pydantic model would read 3; make that explicit
     if not opt_out:
         xargs[XARG_ID] = sentinel_id
