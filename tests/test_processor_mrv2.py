@@ -26,8 +26,8 @@ from vllm import SamplingParams
 from sentinel_vllm.entropy import full_entropy, topk_entropy
 from sentinel_vllm.features import compute_features
 from sentinel_vllm.serving.worker import tracker as tracker_mod
-from sentinel_vllm.serving.worker.processor_mrv2 import SentinelLogitsProcessorMRV2
 from sentinel_vllm.serving.worker.extension import SentinelWorkerExtension
+from sentinel_vllm.serving.worker.processor_mrv2 import SentinelLogitsProcessorMRV2
 
 VOCAB, K, MAX_REQS = 40, 4, 6
 
@@ -236,3 +236,21 @@ def test_resumed_unknown_request_is_not_tracked():
     rs.prompt_len.np[1], rs.prefill_len.np[1] = 3, 7  # 4 outputs we never saw
     assert proc.add_request(1, SamplingParams(extra_args={"sentinel_id": "b"})) is False
     assert proc.tracker.stats()["untracked_lost"] == 1
+
+
+def test_mrv2_failure_disables_and_marks_the_tracker(monkeypatch):
+    proc, rs = make()
+    rs.prompt_len.np[0], rs.prefill_len.np[0] = 3, 3
+    assert proc.add_request(0, SamplingParams(extra_args={"sentinel_id": "a"})) is True
+
+    def boom(*a, **k):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(proc.tracker.state, "record", boom)
+    ctx = SimpleNamespace(idx_mapping_np=np.array([0]), seq_lens_upper_bound_np=np.array([4]))
+    logits = torch.randn(1, VOCAB)
+    assert proc.apply(logits, ctx) is logits
+    assert proc.failed == "RuntimeError: device lost"
+    assert (proc._slot_np == -1).all() and proc._by_req == {}
+    assert SentinelWorkerExtension().sentinel_stats()["failed"] == 1
+    assert proc.add_request(1, SamplingParams(extra_args={"sentinel_id": "b"})) is False

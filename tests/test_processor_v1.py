@@ -27,8 +27,8 @@ from sentinel_vllm.entropy import full_entropy, topk_entropy
 from sentinel_vllm.features import compute_features
 from sentinel_vllm.serving.worker import tracker as tracker_mod
 from sentinel_vllm.serving.worker import tracker_setup
-from sentinel_vllm.serving.worker.processor_v1 import SentinelLogitsProcessor
 from sentinel_vllm.serving.worker.extension import SentinelWorkerExtension
+from sentinel_vllm.serving.worker.processor_v1 import SentinelLogitsProcessor
 
 VOCAB = 50
 K = 5
@@ -371,3 +371,41 @@ def test_non_driver_rank_is_noop(monkeypatch):
     assert proc.apply(x) is x
     ext = SentinelWorkerExtension()
     assert ext.sentinel_fetch(["zz"]) == {}
+
+
+def test_a_failing_step_disables_the_processor_and_marks_the_tracker(monkeypatch):
+    proc = SentinelLogitsProcessor(make_config(), torch.device("cpu"), False)
+    batch = FakeInputBatch(8)
+    batch.add(Req("a", SamplingParams(extra_args={"sentinel_id": "a"}), 2))
+    batch.refresh(proc)
+
+    def boom(*a, **k):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(proc.tracker.state, "record", boom)
+    logits = torch.randn(1, VOCAB)
+    assert proc.apply(logits) is logits  # the logits still go through
+    assert proc.failed == "RuntimeError: device lost" and proc._rows == {}
+    assert SentinelWorkerExtension().sentinel_stats()["failed"] == 1
+    batch.add(Req("b", SamplingParams(extra_args={"sentinel_id": "b"}), 2))
+    batch.refresh(proc)  # disabled: later hooks are no-ops
+    assert proc._rows == {}
+
+
+def test_tracker_evicts_expired_slots_on_its_own():
+    now = [0.0]
+    proc = SentinelLogitsProcessor(make_config(park_timeout_s=600), torch.device("cpu"), False)
+    proc.tracker.clock = lambda: now[0]
+    batch = FakeInputBatch(8)
+    a = Req("a", SamplingParams(extra_args={"sentinel_id": "a"}), 2)
+    batch.add(a)
+    batch.refresh(proc)
+    batch.remove(a)
+    batch.condense()
+    batch.refresh(proc)
+    assert proc.tracker.stats()["parked"] == 1
+    now[0] = 601.0
+    batch.add(Req("b", SamplingParams(extra_args={"sentinel_id": "b"}), 2))
+    batch.refresh(proc)  # the next acquire frees the expired slot; no processor call needed
+    s = proc.tracker.stats()
+    assert s["parked"] == 0 and s["evicted_timeout"] == 1 and s["active"] == 1

@@ -37,22 +37,18 @@ Use ``--generation-config vllm`` or the V1 runner when that matters.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
 
 from sentinel_vllm.serving.worker import identity
+from sentinel_vllm.serving.worker.processor_base import SentinelProcessorBase
 from sentinel_vllm.serving.worker.tracker import Entry
-from sentinel_vllm.serving.worker.tracker_setup import make_tracker
 
 __all__ = ["SentinelLogitsProcessorMRV2"]
 
-logger = logging.getLogger(__name__)
 
-
-class SentinelLogitsProcessorMRV2(LogitsProcessor):
+class SentinelLogitsProcessorMRV2(SentinelProcessorBase, LogitsProcessor):
     """Records the entropy of each tracked request's decode steps (MRV2 runner).
 
     Parameters
@@ -65,39 +61,25 @@ class SentinelLogitsProcessorMRV2(LogitsProcessor):
 
     def __init__(self, vllm_config, req_states, **tracker_overrides) -> None:
         self.req_states = req_states
-        self.device = torch.device(req_states.device)
-        self.pin = self.device.type == "cuda"
-        self.tracker = make_tracker(vllm_config, self.device, **tracker_overrides)
         n = int(req_states.max_num_reqs)
         self._slot_np = np.full(n, -1, dtype=np.int64)  # req_idx -> device slot
         self._by_req: dict[int, Entry] = {}
         self._slot_dev: torch.Tensor | None = None
         self._dirty = False
-        self.failed: str | None = None
-
-    @classmethod
-    def validate_params(cls, sampling_params) -> None:
-        """Reject malformed ``sentinel_*`` keys (see :mod:`~sentinel_vllm.serving.worker.identity`)."""
-        identity.validate_params(sampling_params)
+        self._init_sentinel(vllm_config, req_states.device, True, **tracker_overrides)
 
     def add_request(self, req_idx: int, sampling_params) -> bool:
         """(Re)initialise request slot ``req_idx``; True if the request is tracked."""
-        if self.tracker is None or self.failed:
-            return False
-        try:
-            return self._add(int(req_idx), sampling_params)
-        except Exception as e:  # noqa: BLE001 (never take serving down)
-            self._fail(e)
-            return False
+        return self._safely(self._add, req_idx, sampling_params, default=False)
 
     def _add(self, req_idx: int, params) -> bool:
+        req_idx = int(req_idx)
         old = self._by_req.pop(req_idx, None)
         if old is not None:
             self._slot_np[req_idx] = -1
             self._dirty = True
             if old.owner == req_idx:
                 self.tracker.park(old)
-        self.tracker.evict_expired()
         key = identity.request_key(params)
         if key is None:
             return False
@@ -128,17 +110,16 @@ class SentinelLogitsProcessorMRV2(LogitsProcessor):
         logits : torch.Tensor of shape (num_logits_rows, vocab_size), float32
         ctx : LogitsContext
         """
-        if not self._by_req or self.failed:
-            return logits
-        try:
-            idx = np.asarray(ctx.idx_mapping_np)
-            if logits.shape[0] == idx.shape[0]:
-                self._record_host(logits, ctx, idx)
-            else:
-                self._record_device(logits, ctx)
-        except Exception as e:  # noqa: BLE001 (never take serving down)
-            self._fail(e)
+        if self._by_req:
+            self._safely(self._record, logits, ctx)
         return logits
+
+    def _record(self, logits: torch.Tensor, ctx) -> None:
+        idx = np.asarray(ctx.idx_mapping_np)
+        if logits.shape[0] == idx.shape[0]:
+            self._record_host(logits, ctx, idx)
+        else:
+            self._record_device(logits, ctx)
 
     def _record_host(self, logits, ctx, idx: np.ndarray) -> None:
         slots = self._slot_np[idx]
@@ -155,7 +136,7 @@ class SentinelLogitsProcessorMRV2(LogitsProcessor):
         pos = seq - self.req_states.prompt_len.np[reqs].astype(np.int64)
         # rows, slots, positions in one host->device copy
         packed = self._to_device(np.stack([rows, self._slot_np[reqs], pos]))
-        self.tracker.state.record(logits, packed[0], packed[1], packed[2])
+        self.tracker.record(logits, packed[0], packed[1], packed[2])
 
     def _record_device(self, logits, ctx) -> None:
         if self._slot_dev is None or self._dirty:
@@ -167,23 +148,13 @@ class SentinelLogitsProcessorMRV2(LogitsProcessor):
         valid = (slot >= 0) & (nxt >= self.req_states.prefill_len.gpu[req].long())
         pos = nxt - self.req_states.prompt_len.gpu[req].long()
         rows = torch.arange(logits.shape[0], device=logits.device)
-        self.tracker.state.record(
+        self.tracker.record(
             logits,
             rows,
             torch.where(valid, slot, self.tracker.scratch_slot),
             torch.where(valid, pos, 0),
         )
 
-    def _to_device(self, values) -> torch.Tensor:
-        t = torch.as_tensor(np.ascontiguousarray(values, dtype=np.int64))
-        if self.device.type == "cpu":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True) if self.pin else t.to(self.device)
-
-    def _fail(self, e: Exception) -> None:
-        self.failed = f"{type(e).__name__}: {e}"
+    def _forget_rows(self) -> None:
         self._by_req.clear()
         self._slot_np[:] = -1
-        logger.exception("sentinel MRV2 processor disabled after an error: %s", self.failed)
-        if self.tracker is not None:
-            self.tracker.counters["failed"] = 1

@@ -32,8 +32,6 @@ distribution).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from vllm.v1.sample.logits_processor import (
     BatchUpdate,
@@ -42,15 +40,13 @@ from vllm.v1.sample.logits_processor import (
 )
 
 from sentinel_vllm.serving.worker import identity
+from sentinel_vllm.serving.worker.processor_base import SentinelProcessorBase
 from sentinel_vllm.serving.worker.tracker import Entry
-from sentinel_vllm.serving.worker.tracker_setup import make_tracker
 
 __all__ = ["SentinelLogitsProcessor"]
 
-logger = logging.getLogger(__name__)
 
-
-class SentinelLogitsProcessor(LogitsProcessor):
+class SentinelLogitsProcessor(SentinelProcessorBase, LogitsProcessor):
     """Records the entropy of each tracked request's decode steps (V1 runner).
 
     Parameters
@@ -69,19 +65,11 @@ class SentinelLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, vllm_config, device, is_pin_memory: bool, **tracker_overrides) -> None:
-        self.device = torch.device(device)
-        self.pin = bool(is_pin_memory) and self.device.type == "cuda"
-        self.tracker = make_tracker(vllm_config, self.device, **tracker_overrides)
         self._rows: dict[int, tuple[Entry, list[int]]] = {}
         self._row_t: torch.Tensor | None = None
         self._slot_t: torch.Tensor | None = None
         self._outs: list[list[int]] = []
-        self.failed: str | None = None
-
-    @classmethod
-    def validate_params(cls, sampling_params) -> None:
-        """Reject malformed ``sentinel_*`` keys (see :mod:`~sentinel_vllm.serving.worker.identity`)."""
-        identity.validate_params(sampling_params)
+        self._init_sentinel(vllm_config, device, is_pin_memory, **tracker_overrides)
 
     def is_argmax_invariant(self) -> bool:
         """False: greedy batches skip argmax-invariant processors, and every step must be seen."""
@@ -91,12 +79,8 @@ class SentinelLogitsProcessor(LogitsProcessor):
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         """Apply removed -> added -> moved to the row -> request map."""
-        if batch_update is None or self.tracker is None or self.failed:
-            return
-        try:
-            self._update(batch_update)
-        except Exception as e:  # noqa: BLE001 (never take serving down)  # never take serving down
-            self._fail(e)
+        if batch_update is not None:
+            self._safely(self._update, batch_update)
 
     def _update(self, bu: BatchUpdate) -> None:
         rows = self._rows
@@ -138,7 +122,6 @@ class SentinelLogitsProcessor(LogitsProcessor):
             changed |= self._vacate(idx)  # defensive: rows past the batch are gone
         if changed:
             self._rebuild()
-        self.tracker.evict_expired()
 
     def _vacate(self, idx: int) -> bool:
         item = self._rows.pop(idx, None)
@@ -155,10 +138,6 @@ class SentinelLogitsProcessor(LogitsProcessor):
         self._row_t = self._to_device(order)
         self._slot_t = self._to_device([self._rows[r][0].slot for r in order])
 
-    def _to_device(self, values: list[int]) -> torch.Tensor:
-        t = torch.tensor(values, dtype=torch.long, pin_memory=self.pin)
-        return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
-
     # ------------------------------------------------------------------ step
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
@@ -168,18 +147,13 @@ class SentinelLogitsProcessor(LogitsProcessor):
         ----------
         logits : torch.Tensor of shape (num_reqs, vocab_size), float32
         """
-        if not self._rows or self.failed:
-            return logits
-        try:
-            positions = self._to_device([len(o) for o in self._outs])
-            self.tracker.state.record(logits, self._row_t, self._slot_t, positions)
-        except Exception as e:  # noqa: BLE001 (never take serving down)
-            self._fail(e)
+        if self._rows:
+            self._safely(self._record, logits)
         return logits
 
-    def _fail(self, e: Exception) -> None:
-        self.failed = f"{type(e).__name__}: {e}"
+    def _record(self, logits: torch.Tensor) -> None:
+        positions = self._to_device([len(o) for o in self._outs])
+        self.tracker.record(logits, self._row_t, self._slot_t, positions)
+
+    def _forget_rows(self) -> None:
         self._rows.clear()
-        logger.exception("sentinel processor disabled after an error: %s", self.failed)
-        if self.tracker is not None:
-            self.tracker.counters["failed"] = 1

@@ -131,6 +131,7 @@ class SlotTracker:
             "untracked_lost": 0,
             "evicted_timeout": 0,
             "evicted_lru": 0,
+            "failed": 0,
         }
 
     # ------------------------------------------------------------------ slots
@@ -163,6 +164,7 @@ class SlotTracker:
             None when the pool is exhausted (the request stays untracked).
         """
         with self._lock:
+            self.evict_expired()
             if child is None:
                 child = self._infer_child(sid, params, resume_hint)
             key = (sid, child)
@@ -200,7 +202,6 @@ class SlotTracker:
         return (max(children) + 1) if children else 0
 
     def _take_slot(self) -> int | None:
-        self.evict_expired()
         if not self._free:
             parked = [e for e in self._entries.values() if not e.active]
             if not parked:
@@ -219,6 +220,7 @@ class SlotTracker:
             entry.parked_at = self.clock()
             if entry.release:
                 self._free_entry(entry)
+            self.evict_expired()
 
     def _free_entry(self, entry: Entry) -> None:
         key = (entry.sid, entry.child)
@@ -233,7 +235,11 @@ class SlotTracker:
         self._free.append(entry.slot)
 
     def evict_expired(self) -> int:
-        """Free parked slots older than ``park_timeout_s``; returns how many."""
+        """Free parked slots older than ``park_timeout_s``; returns how many.
+
+        Called by :meth:`acquire` and :meth:`park` (the tracker evicts on its own);
+        public for tests and for callers that want the pool tidied now.
+        """
         with self._lock:
             now = self.clock()
             old = [
@@ -245,6 +251,23 @@ class SlotTracker:
                 self._free_entry(e)
             self.counters["evicted_timeout"] += len(old)
             return len(old)
+
+    def record(self, logits, rows, slots, positions) -> None:
+        """Record one decode step: entropy of ``logits[rows]`` at ``positions`` of ``slots``.
+
+        Parameters
+        ----------
+        logits : torch.Tensor of shape (num_rows, vocab_size)
+        rows, slots, positions : torch.Tensor of int64, shape (m,), on the logits' device
+            Logits row, device slot (an :class:`Entry`'s ``slot`` or :attr:`scratch_slot`)
+            and trajectory position of each recorded row.
+        """
+        self.state.record(logits, rows, slots, positions)
+
+    def mark_failed(self) -> None:
+        """A processor using this tracker was disabled by an error (``stats()["failed"]``)."""
+        with self._lock:
+            self.counters["failed"] = 1
 
     def _slot_tensor(self, slots):
         import torch
