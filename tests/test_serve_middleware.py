@@ -325,3 +325,57 @@ def test_worker_never_sees_a_client_chosen_id(env, path, body):
     r = run(client.get("/sentinel/stats"))
     assert r.json()["worker"] == {"active": 0, "parked": 0}
 
+
+
+def _auth_env(tiny, **cfg):
+    """Fake app behind vLLM's real AuthenticationMiddleware (--api-key sk-test), ours outside it."""
+    auth = pytest.importorskip("vllm.entrypoints.serve.middleware.authenticate")
+    engine, reg = FakeEngine(), prometheus_client.CollectorRegistry()
+    app = make_app(engine, tiny[0], reg)
+    mw = app.user_middleware.pop(0)  # re-add ours last, as vLLM does with --middleware
+    mw.kwargs["config"] = ServerConfig(**dict(
+        {"sentinel": str(tiny[0]), "batch_delay_s": 0.05, "fetch_timeout_s": 0.5, "replica": "r0"}, **cfg))
+    app.add_middleware(auth.AuthenticationMiddleware, tokens=["sk-test"])
+    app.add_middleware(mw.cls, *mw.args, **mw.kwargs)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+    return engine, reg, client
+
+
+def test_unauthenticated_requests_leave_no_trace(tiny):
+    # issue 9 item 5: 401s triggered sentinel_discard RPCs and used up the slice
+    # label allowance; /sentinel/stats answered without the key.
+    engine, reg, client = _auth_env(tiny, max_slices=1)
+    key = {"Authorization": "Bearer sk-test"}
+    for i, path in enumerate(["/v1/chat/completions", "/v1/completions", "/v1/responses"] * 2):
+        r = run(client.post(path, json={"messages": [], "prompt": "a", "input": "b", "stream": i % 2 == 1,
+                                        "vllm_xargs": {"sentinel_slice": f"label{i}"}}))
+        assert r.status_code == 401, r.text
+    r = run(client.post("/v1/chat/completions", headers={"Authorization": "Bearer wrong"},
+                        json={"messages": [], "vllm_xargs": {"sentinel_slice": "wrong-key"}}))
+    assert r.status_code == 401
+    assert run(client.get("/sentinel/stats")).status_code == 401
+    assert engine.calls == [] and engine.seen_xargs == []
+    assert "sentinel_requests_scored_total" not in _samples(reg)
+    # the single label allowed is still free for an authenticated client
+    r = run(client.post("/v1/chat/completions", headers=key,
+                        json={"messages": [], "vllm_xargs": {"sentinel_slice": "real"}}))
+    assert r.status_code == 200 and r.json()["sentinel"]["slice"] == "real"
+    r = run(client.get("/sentinel/stats", headers=key))
+    assert r.status_code == 200 and r.json()["worker"] == {"active": 0, "parked": 0}
+
+
+def test_request_vllm_refuses_claims_no_label_and_makes_no_rpc(tiny):
+    engine, reg, client = _auth_env(tiny, max_slices=1)
+    key = {"Authorization": "Bearer sk-test"}
+    for stream in (False, True):
+        r = run(client.post("/v1/chat/completions", headers=key, json={
+            "messages": [], "status": 400, "stream": stream, "vllm_xargs": {"sentinel_slice": "bad"}}))
+        assert r.status_code == 400
+    assert engine.calls == []  # no sentinel_discard for a request the engine never saw
+    r = run(client.post("/v1/chat/completions", headers=key,
+                        json={"messages": [], "vllm_xargs": {"sentinel_slice": "good"}}))
+    assert r.json()["sentinel"]["slice"] == "good"
+
+
+def _samples(reg):
+    return {s.name for m in reg.collect() for s in m.samples}

@@ -192,6 +192,7 @@ class SentinelMiddleware:
         self.scorer = SentinelScorer.from_path(self.config.sentinel)
         self.metrics_factory = metrics_factory
         self._state: _State | None = None
+        self._verify = None  # (app, vLLM's verify_token or None)
         try:  # n > 1: give each child its choice index (see serving/api/child_index.py)
             from sentinel_vllm.serving.api.child_index import install_child_index_patch
 
@@ -209,15 +210,35 @@ class SentinelMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, method = scope.get("path", ""), scope.get("method", "GET")
-        if method == "POST" and path in SENTINEL_PATHS:
-            return await self._tracked(scope, receive, send)
         if method == "GET" and path == "/sentinel/stats":
+            if not self._authorized(scope):
+                return await _send_json(send, 401, {"error": "Unauthorized"})
             return await self._stats(scope, send)
-        if method in ("POST", "PUT", "PATCH"):
+        if method == "POST" and path in SENTINEL_PATHS and self._authorized(scope):
+            return await self._tracked(scope, receive, send)
+        if method in ("POST", "PUT", "PATCH"):  # also unauthenticated ones: vLLM answers 401
             return await self._stripped(scope, receive, send)
         if path.startswith("/metrics") and self._state is not None:
             self._state.metrics.refresh()  # expire old window entries before the scrape
         return await self.app(scope, receive, send)
+
+    def _authorized(self, scope) -> bool:
+        """vLLM's own API-key check (``--api-key`` / ``VLLM_API_KEY``) for this request.
+
+        This middleware sits outside vLLM's ``AuthenticationMiddleware``; it finds
+        that middleware among the app's and calls its ``verify_token`` (same
+        tokens, same Bearer rule, constant-time compare). True when vLLM runs
+        without a key.
+        """
+        app = scope.get("app")
+        if self._verify is None or self._verify[0] is not app:
+            self._verify = (app, _vllm_token_check(app))
+        check = self._verify[1]
+        if check is None:
+            return True
+        from starlette.datastructures import Headers
+
+        return bool(check(Headers(scope=scope)))
 
     async def _stats(self, scope, send) -> None:
         try:
@@ -225,11 +246,7 @@ class SentinelMiddleware:
             status, body = 200, {"sentinel": self.scorer.id, "worker": stats}
         except Exception as exc:  # noqa: BLE001
             status, body = 503, {"error": f"{type(exc).__name__}: {exc}"}
-        data = json.dumps(body).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(data)).encode())]})
-        await send({"type": "http.response.body", "body": data})
+        await _send_json(send, status, body)
 
     async def _stripped(self, scope, receive, send) -> None:
         """Any other request with a JSON body: forward it without client sentinel keys."""
@@ -267,20 +284,23 @@ class SentinelMiddleware:
         if multi_prompt:
             blocks_fn = _const_error("the sentinel scores one prompt per /v1/completions request")
         else:
-            try:
-                st = self.state(scope)
-                label = st.metrics.label_slice(opts.slice)
-            except Exception as exc:  # noqa: BLE001
-                log.exception("sentinel state")
-                blocks_fn = _const_error(f"sentinel unavailable: {exc}")
-            else:
-                async def blocks_fn(n):
-                    return await st.fetcher.blocks(opts.sentinel_id, n, label, fault=fault)
+            async def blocks_fn(n):  # called only once vLLM answered 200 and finished
+                try:
+                    st = self.state(scope)
+                    label = st.metrics.label_slice(opts.slice)  # claimed only now
+                except Exception as exc:  # noqa: BLE001
+                    log.exception("sentinel state")
+                    return {i: error_block(f"sentinel unavailable: {exc}", "internal")
+                            for i in range(n)}
+                return await st.fetcher.blocks(opts.sentinel_id, n, label, fault=fault)
         rw = _ResponseRewriter(send, blocks_fn, opts.n)
         try:
             await self.app(scope, _replay(new_raw, receive), rw.send)
         finally:
-            if not rw.completed and not multi_prompt and self._state is not None:
+            # An engine RPC only for a request the engine may hold: not for one
+            # vLLM refused (4xx: auth, validation, unknown model) before the engine.
+            reached = rw.status is None or not 400 <= rw.status < 500
+            if not rw.completed and not multi_prompt and reached and self._state is not None:
                 asyncio.ensure_future(self._state.fetcher.discard([opts.sentinel_id]))
 
 
@@ -308,6 +328,23 @@ def _with_length(scope, length: int):
     headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
     headers.append((b"content-length", str(length).encode()))
     return dict(scope, headers=headers)
+
+
+def _vllm_token_check(app):
+    """``verify_token`` of vLLM's ``AuthenticationMiddleware`` on ``app``, or None."""
+    for m in getattr(app, "user_middleware", None) or ():
+        cls = getattr(m, "cls", None)
+        if getattr(cls, "__name__", "") == "AuthenticationMiddleware" and hasattr(cls, "verify_token"):
+            return cls(None, *getattr(m, "args", ()), **getattr(m, "kwargs", {})).verify_token
+    return None
+
+
+async def _send_json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
 
 
 def _n_prompts(prompt) -> int:
@@ -342,7 +379,7 @@ class _ResponseRewriter:
 
     def __init__(self, send, blocks_fn, n: int):
         self._send, self._blocks_fn, self.n = send, blocks_fn, n
-        self.mode, self.start, self.completed = None, None, False
+        self.mode, self.start, self.completed, self.status = None, None, False, None
         self._buf: list[bytes] = []
         self._sse = SSERewriter()
 
@@ -356,6 +393,7 @@ class _ResponseRewriter:
     async def send(self, message) -> None:
         if message["type"] == "http.response.start":
             ctype = dict((k.lower(), v) for k, v in message.get("headers", [])).get(b"content-type", b"")
+            self.status = message.get("status")
             if message.get("status") != 200:
                 self.mode = "pass"
             elif ctype.startswith(b"text/event-stream"):
