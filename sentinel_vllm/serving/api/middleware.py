@@ -300,8 +300,13 @@ class SentinelMiddleware:
             # An engine RPC only for a request the engine may hold: not for one
             # vLLM refused (4xx: auth, validation, unknown model) before the engine.
             reached = rw.status is None or not 400 <= rw.status < 500
-            if not rw.completed and not multi_prompt and reached and self._state is not None:
-                asyncio.ensure_future(self._state.fetcher.discard([opts.sentinel_id]))
+            if not rw.completed and not multi_prompt and reached:
+                try:
+                    fetcher = self.state(scope).fetcher
+                except Exception:  # noqa: BLE001 (no engine client: nothing to free)
+                    log.exception("sentinel state")
+                else:
+                    asyncio.ensure_future(fetcher.discard([opts.sentinel_id]))
 
 
 async def _read_body(receive):
