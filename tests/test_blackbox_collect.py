@@ -34,11 +34,12 @@ class FakeEndpoint:
 
         self.by_q = {p.render(): (i, p) for i, p in enumerate(problems)}
         self.fail_index = 1
-        self.bodies = []
+        self.bodies, self.auth = [], []
 
         async def chat(request):
             body = await request.json()
             self.bodies.append(body)
+            self.auth.append(request.headers.get("authorization"))
             i, p = self.by_q[body["messages"][0]["content"]]
             if i == self.fail_index:
                 return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
@@ -108,3 +109,30 @@ def test_collect_endpoint_refuses_short_lists(tmp_path):
         srv.stop()
     assert s["gsm8k"]["failed"] == 1 and "fewer than k=20" in s["gsm8k"]["first_error"]
     assert not out.exists() or out.read_text() == ""
+
+
+def test_cli_collect_endpoint(tmp_path, monkeypatch):
+    """``sentinel-vllm collect --endpoint URL --model NAME``: the CLI branch, key from the environment."""
+    import sentinel_vllm.datasets as ds
+    from sentinel_vllm.cli import main
+
+    probs = load_benchmark("gsm8k", n=3, seed=0, path=str(FIX))
+    real = ds.load_benchmark
+    monkeypatch.setattr(ds, "load_benchmark", lambda name, **kw: real(name, **dict(kw, path=str(FIX))))
+    monkeypatch.setenv("MY_KEY", "sk-test")
+    fake = FakeEndpoint(probs)
+    fake.fail_index = None
+    out = tmp_path / "cli.jsonl"
+    try:
+        rc = main(["collect", "--endpoint", fake.server.url, "--model", "their-model", "--benchmarks",
+                   "gsm8k", "--n", "3", "--out", str(out), "--api-key-env", "MY_KEY", "--k", "5,20"])
+        assert rc == 0
+        assert main(["collect", "--endpoint", fake.server.url, "--model", "m", "--benchmarks", "gsm8k",
+                     "--out", str(out), "--api-key-env", "UNSET_VAR_X"]) == 1
+    finally:
+        fake.server.stop()
+    traces = list(read_traces(str(out)))
+    assert len(traces) == 3
+    assert {"topk", "top5", "top5_renorm", "top20_renorm"} == set(traces[0].entropy)
+    assert fake.bodies[0]["model"] == "their-model" and fake.bodies[0]["top_logprobs"] == 20
+    assert fake.auth[0] == "Bearer sk-test"
