@@ -65,13 +65,19 @@ def make_app(engine, sentinel, metrics_reg):
                 {"child": c, "n_steps": T, "nan_steps": 0, "truncated": False,
                  "features": {"full": compute_features(traj(c, T)).tolist()}} for c in range(n)]
         if body.get("stream"):
-            async def gen():
+            def chunk(**kw):
+                return "data: " + json.dumps({"id": "cmpl-1", "object": "chat.completion.chunk",
+                                              "created": 1, "model": "fake-model", **kw}) + "\n\n"
+
+            async def gen():  # as vLLM: content chunks, one finish chunk per choice, usage
                 for c in range(n):
-                    yield "data: " + json.dumps({"id": "cmpl-1", "object": "chat.completion.chunk",
-                                                 "created": 1, "model": "fake-model",
-                                                 "choices": [{"index": c, "delta": {"content": "x"}}]}) + "\n\n"
+                    yield chunk(choices=[{"index": c, "delta": {"content": "x"}, "finish_reason": None}])
                 if body.get("abort"):
                     return  # vLLM ends the stream without [DONE] when the client goes away
+                for c in range(n):
+                    yield chunk(choices=[{"index": c, "delta": {"content": "y"}, "finish_reason": "length"}])
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    yield chunk(choices=[], usage={"completion_tokens": T * n})
                 yield "data: [DONE]\n\n"
             return StreamingResponse(gen(), media_type="text/event-stream")
         return JSONResponse({"id": "cmpl-1", "object": "chat.completion", "model": "fake-model",
@@ -145,20 +151,37 @@ def test_json_n1_block_and_client_id_overwritten(env):
     assert engine.parked == {}
 
 
-def test_stream_n2_final_chunk_before_done(env):
+@pytest.mark.parametrize("usage", [False, True])
+def test_stream_blocks_ride_on_finish_chunks(env, usage):
+    # issue 11 item 3: an extra chunk with "choices": [] broke `chunk.choices[0]`,
+    # and n = 2 repeated each choice with finish_reason null after its real finish.
     engine, reg, client, parts = env
-    req = {"messages": [], "max_tokens": 3, "n": 2, "stream": True,
-           "vllm_xargs": {"sentinel_slice": "not-allowed"}}
-    r = run(client.post("/v1/chat/completions", json=req))
-    events = [e for e in r.text.split("\n\n") if e]
-    assert events[-1] == "data: [DONE]"
-    last = json.loads(events[-2][len("data: "):])
-    assert last["id"] == "cmpl-1" and "sentinel" not in last
-    for c in (0, 1):
-        b = last["choices"][c]["sentinel"]
-        assert last["choices"][c]["index"] == c and b["slice"] == "other"
-        assert b["features"]["mean"] == pytest.approx(np.mean(traj(c, 3)))
-    assert engine.seen_xargs[0]["sentinel_n"] == 2
+    for n in (1, 2):
+        req = {"messages": [], "max_tokens": 3, "n": n, "stream": True,
+               "stream_options": {"include_usage": usage}, "vllm_xargs": {"sentinel_slice": "nope"}}
+        r = run(client.post("/v1/chat/completions", json=req))
+        events = [e for e in r.text.split("\n\n") if e]
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+        assert len(chunks) == 2 * n + usage  # nothing added
+        assert all(c["choices"] for c in chunks[: 2 * n])  # choices[0] exists in every chunk
+        if usage:
+            assert chunks[-1]["choices"] == [] and "sentinel" not in chunks[-1]
+        last = {}  # a client keeping the last finish_reason per choice
+        for ch in chunks:
+            for c in ch["choices"]:
+                last[c["index"]] = c["finish_reason"]
+        assert last == {i: "length" for i in range(n)}
+        finish = [ch for ch in chunks if ch["choices"] and ch["choices"][0]["finish_reason"]]
+        assert len(finish) == n
+        for ch in finish:
+            c = ch["choices"][0]
+            b = ch["sentinel"] if n == 1 else c["sentinel"]
+            assert (n == 1) == ("sentinel" in ch) and (n == 1) == ("sentinel" not in c)
+            assert b["slice"] == "other" and b["n_steps"] == 3
+            assert b["features"]["mean"] == pytest.approx(np.mean(traj(c["index"], 3)))
+        assert engine.seen_xargs[-1]["sentinel_n"] == n
+    assert engine.parked == {}
 
 
 def test_concurrent_requests_share_fetch_rpcs(env):

@@ -5,7 +5,6 @@ import json
 from sentinel_vllm.serving.api.response import (
     SSERewriter,
     attach_blocks,
-    final_chunk,
     new_sentinel_id,
     prepare_request,
 )
@@ -72,37 +71,69 @@ def _events(data: bytes):
     return [e for e in data.split(b"\n\n") if e]
 
 
-def test_sse_holds_back_done_across_arbitrary_splits():
-    c1 = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 5, "model": "m",
-          "choices": [{"index": 0, "delta": {"content": "hi"}}]}
-    c2 = dict(c1, choices=[], usage={"completion_tokens": 3})
-    stream = (b"data: " + json.dumps(c1).encode() + b"\n\n" + b"data: " + json.dumps(c2).encode()
-              + b"\n\n" + b"data: [DONE]\n\n")
+def _sse(*objs):
+    return b"".join(b"data: " + (o if isinstance(o, bytes) else json.dumps(o).encode()) + b"\n\n"
+                    for o in objs)
+
+
+HEAD = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 5, "model": "m"}
+
+
+def test_sse_holds_finish_and_usage_chunks_across_arbitrary_splits():
+    c1 = dict(HEAD, choices=[{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}])
+    c2 = dict(HEAD, choices=[{"index": 0, "delta": {"content": "!"}, "finish_reason": "stop"}])
+    c3 = dict(HEAD, choices=[], usage={"completion_tokens": 3})
+    stream = _sse(c1, c2, c3, b"[DONE]")
     for cut in range(1, len(stream)):
-        rw = SSERewriter()
+        rw = SSERewriter(1)
         out = rw.feed(stream[:cut]) + rw.feed(stream[cut:])
-        assert rw.done
-        assert out == stream[: -len(b"data: [DONE]\n\n")]
-        assert rw.last_chunk == c2 and rw.usage == {"completion_tokens": 3}
+        assert rw.done and out == _sse(c1)  # only the content chunk went out
+        assert rw.usage == {"completion_tokens": 3}
+        rest = rw.release({0: {"p_correct": 0.25}})
+        assert rest == (b'data: ' + json.dumps(dict(c2, sentinel={"p_correct": 0.25}),
+                                               separators=(",", ":")).encode() + b"\n\n"
+                        + b'data: ' + json.dumps(c3, separators=(",", ":")).encode() + b"\n\n"
+                        + b"data: [DONE]\n\n")
 
 
-def test_sse_without_done_flushes_remainder():
+def test_sse_n2_finish_chunks_get_their_own_block_no_extra_chunk():
+    def ch(i, fin):
+        return dict(HEAD, choices=[{"index": i, "text": "t", "finish_reason": fin}])
+
+    rw = SSERewriter(2)
+    out = rw.feed(_sse(ch(0, None), ch(0, "length"), ch(1, None)))
+    assert out == _sse(ch(0, None), ch(1, None))  # choice 1 goes on while choice 0's finish waits
+    out += rw.feed(_sse(ch(1, "stop"), b"[DONE]"))
+    assert rw.done and out == _sse(ch(0, None), ch(1, None))
+    chunks = [json.loads(e[6:]) for e in _events(rw.release({0: {"p": 0}, 1: {"p": 1}}))[:-1]]
+    assert [(c["choices"][0]["index"], c["choices"][0]["finish_reason"], c["choices"][0]["sentinel"])
+            for c in chunks] == [(0, "length", {"p": 0}), (1, "stop", {"p": 1})]
+    assert all("sentinel" not in c for c in chunks)
+
+
+def test_sse_responses_api_block_in_completed_event():
+    delta = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"a"}'
+    done = {"type": "response.completed", "sequence_number": 9,
+            "response": {"id": "resp_1", "object": "response", "output": []}}
+    done_ev = b"event: response.completed\ndata: " + json.dumps(done).encode()
+    rw = SSERewriter(1)
+    out = rw.feed(delta + b"\n\n" + done_ev + b"\n\n")
+    assert out == delta + b"\n\n" and rw.done
+    ev = rw.release({0: {"p_correct": 0.5}})
+    head, data = ev.rstrip(b"\n").split(b"\n")
+    assert head == b"event: response.completed"
+    assert json.loads(data[6:])["response"]["sentinel"] == {"p_correct": 0.5}
+
+
+def test_sse_without_done_flushes_held_and_remainder():
+    fin = dict(HEAD, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}])
     rw = SSERewriter()
-    out = rw.feed(b"data: {\"id\": 1}\n\ndata: partial")
+    out = rw.feed(b"data: {\"id\": 1}\n\n" + _sse(fin) + b"data: partial")
     assert out == b"data: {\"id\": 1}\n\n" and not rw.done
-    assert rw.flush() == b"data: partial"
+    assert rw.flush() == b'data: ' + json.dumps(fin, separators=(",", ":")).encode() + b"\n\ndata: partial"
 
 
-def test_final_chunk_shapes():
-    tmpl = {"id": "c", "object": "chat.completion.chunk", "created": 7, "model": "m", "choices": []}
-    ch = final_chunk(tmpl, {0: {"p_correct": 0.3}}, 1)
-    assert ch == {"id": "c", "object": "chat.completion.chunk", "created": 7, "model": "m",
-                  "choices": [], "sentinel": {"p_correct": 0.3}}
-    ch = final_chunk(tmpl, {0: {"p_correct": 0.3}, 1: {"p_correct": 0.4}}, 2)
-    assert "sentinel" not in ch
-    assert [c["sentinel"]["p_correct"] for c in ch["choices"]] == [0.3, 0.4]
-    assert ch["choices"][1] == {"index": 1, "finish_reason": None, "delta": {},
-                                "sentinel": {"p_correct": 0.4}}
-    ch = final_chunk(dict(tmpl, object="text_completion"), {0: {}, 1: {}}, 2)
-    assert ch["choices"][0]["text"] == "" and "delta" not in ch["choices"][0]
-    assert SSERewriter.encode({"a": 1}) == b'data: {"a":1}\n\n'
+def test_attach_blocks_responses_object_top_level():
+    r = {"object": "response", "output": [{"type": "message"}]}
+    attach_blocks(r, {0: {"p_correct": 0.7}}, 1)
+    assert r["sentinel"] == {"p_correct": 0.7}

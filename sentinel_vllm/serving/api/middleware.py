@@ -8,21 +8,32 @@ launch vLLM themselves can do the same (see ``sentinel_vllm/serving/README.md``)
         --worker-extension-cls sentinel_vllm.serving.worker.extension.SentinelWorkerExtension \\
         --middleware sentinel_vllm.serving.api.middleware.SentinelMiddleware
 
-For ``POST /v1/chat/completions`` and ``/v1/completions`` it
+For ``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/responses`` it
 
 1. sets ``vllm_xargs["sentinel_id"]`` to a fresh server-chosen id (client ids are
    overwritten; :func:`~sentinel_vllm.serving.api.response.prepare_request`);
 2. lets vLLM serve the request; when the response is complete (JSON) or reaches
-   ``data: [DONE]`` (stream), asks the worker for the request's statistics with
-   ONE batched ``collective_rpc("sentinel_fetch")`` for all requests finished in
-   the last few milliseconds (:class:`BatchFetcher`), scores them with the ONNX
-   sentinel in a thread (never on the event loop), updates the metrics;
-3. adds the ``sentinel`` block (non-stream: into the JSON; stream: one extra chunk
-   before ``[DONE]``). Any sentinel failure gives ``{"error": ...}``, never a
-   failed response; an aborted request's worker state is discarded.
+   its end (``data: [DONE]``, or ``response.completed`` for the Responses API),
+   asks the worker for the request's statistics with ONE batched
+   ``collective_rpc("sentinel_fetch")`` for all requests finished in the last few
+   milliseconds (:class:`BatchFetcher`), scores them with the ONNX sentinel in a
+   thread (never on the event loop), updates the metrics;
+3. adds the ``sentinel`` block (non-stream: into the JSON; stream: into the chunk
+   that carries each choice's ``finish_reason``, held back until the block is
+   ready, or into the ``response.completed`` event). Any sentinel failure gives
+   ``{"error": ...}``, never a failed response; an aborted request's worker
+   state is discarded.
 
-It also answers ``GET /sentinel/stats`` (the worker's ``sentinel_stats``, rank 0)
-and refreshes the window gauges before each ``GET /metrics`` scrape.
+Every other JSON request body it forwards loses its client ``sentinel*`` keys
+(the worker only tracks ids the server minted). Nothing of the sentinel acts on
+a request vLLM refuses: with ``--api-key`` an unauthenticated request passes
+through untouched (vLLM's own check, :meth:`SentinelMiddleware._authorized`);
+the slice label is claimed only once vLLM answered 200; a 4xx answer causes no
+engine RPC.
+
+It also answers ``GET /sentinel/stats`` (the worker's ``sentinel_stats``, rank 0;
+behind the API key like vLLM's ``/v1`` routes) and refreshes the window gauges
+before each ``GET /metrics`` scrape.
 """
 
 from __future__ import annotations
@@ -33,16 +44,14 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 
+from sentinel_vllm.serving.api.fetch import BatchFetcher
 from sentinel_vllm.serving.api.response import (
     SENTINEL_PATHS,
-    SSERewriter,
-    attach_blocks,
-    final_chunk,
     new_sentinel_id,
     prepare_request,
     strip_client_keys,
 )
-from sentinel_vllm.serving.api.fetch import BatchFetcher
+from sentinel_vllm.serving.api.rewriter import ResponseRewriter
 from sentinel_vllm.serving.api.scoring import SentinelScorer, error_block
 from sentinel_vllm.serving.contract import CONFIG_ENV, RPC_STATS, SENTINEL_ENV, XARG_FAULT, first_answer
 
@@ -271,7 +280,10 @@ class SentinelMiddleware:
         fault = self.config.fault_injection and xa.get(XARG_FAULT) == "scoring"
         if XARG_FAULT in xa:
             obj = dict(obj, vllm_xargs={k: v for k, v in xa.items() if k != XARG_FAULT})
-        body, opts = prepare_request(obj, new_sentinel_id())
+        responses_api = scope["path"] == "/v1/responses"
+        if responses_api and obj.get("background"):  # answered before generation: not scored
+            obj = dict(obj, vllm_xargs=dict(xa, sentinel=False))
+        body, opts = prepare_request(obj, new_sentinel_id(), has_n=not responses_api)
         multi_prompt = scope["path"] == "/v1/completions" and _n_prompts(obj.get("prompt")) > 1
         if multi_prompt and opts.enabled:  # one id cannot follow several prompts
             for key in ("sentinel_id", "sentinel_n"):
@@ -293,7 +305,7 @@ class SentinelMiddleware:
                     return {i: error_block(f"sentinel unavailable: {exc}", "internal")
                             for i in range(n)}
                 return await st.fetcher.blocks(opts.sentinel_id, n, label, fault=fault)
-        rw = _ResponseRewriter(send, blocks_fn, opts.n)
+        rw = ResponseRewriter(send, blocks_fn, opts.n)
         try:
             await self.app(scope, _replay(new_raw, receive), rw.send)
         finally:
@@ -377,64 +389,3 @@ def _replay(body: bytes, receive, extra=None):
         return await receive()
 
     return replay
-
-
-class _ResponseRewriter:
-    """``send`` wrapper: adds blocks to a JSON body or a final SSE chunk."""
-
-    def __init__(self, send, blocks_fn, n: int):
-        self._send, self._blocks_fn, self.n = send, blocks_fn, n
-        self.mode, self.start, self.completed, self.status = None, None, False, None
-        self._buf: list[bytes] = []
-        self._sse = SSERewriter()
-
-    async def _blocks(self) -> dict[int, dict]:
-        try:
-            return await self._blocks_fn(self.n)
-        except Exception as exc:  # noqa: BLE001 (the response must be served)
-            log.exception("sentinel blocks")
-            return {i: error_block(f"{type(exc).__name__}: {exc}", "internal") for i in range(self.n)}
-
-    async def send(self, message) -> None:
-        if message["type"] == "http.response.start":
-            ctype = dict((k.lower(), v) for k, v in message.get("headers", [])).get(b"content-type", b"")
-            self.status = message.get("status")
-            if message.get("status") != 200:
-                self.mode = "pass"
-            elif ctype.startswith(b"text/event-stream"):
-                self.mode = "sse"
-            else:
-                self.mode, self.start = "json", message
-                return
-            return await self._send(message)
-        if message["type"] != "http.response.body" or self.mode == "pass":
-            return await self._send(message)
-        body, more = message.get("body", b""), message.get("more_body", False)
-        if self.mode == "sse":
-            out = self._sse.feed(body)
-            if self._sse.done and not self.completed:
-                self.completed = True
-                chunk = final_chunk(self._sse.last_chunk, await self._blocks(), self.n)
-                out += SSERewriter.encode(chunk) + SSERewriter.DONE
-            if not more:
-                out += self._sse.flush()
-            if out or not more:
-                await self._send({"type": "http.response.body", "body": out, "more_body": more})
-            return
-        self._buf.append(body)
-        if more:
-            return
-        data = b"".join(self._buf)
-        try:
-            obj = json.loads(data)
-            if not isinstance(obj, dict) or "choices" not in obj:
-                raise ValueError("not a completion object")
-        except ValueError:
-            pass
-        else:
-            data = json.dumps(attach_blocks(obj, await self._blocks(), self.n)).encode()
-            self.completed = True
-        headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() != b"content-length"]
-        headers.append((b"content-length", str(len(data)).encode()))
-        await self._send(dict(self.start, headers=headers))
-        await self._send({"type": "http.response.body", "body": data, "more_body": False})

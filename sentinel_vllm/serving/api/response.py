@@ -7,10 +7,11 @@ request's worker state. Clients may pass only ``vllm_xargs.sentinel_slice`` (a
 slice label) and ``vllm_xargs.sentinel = false`` (opt out).
 
 Response side: :func:`attach_blocks` adds the ``sentinel`` block to a JSON
-response (top level when ``n = 1``, per choice when ``n > 1``);
-:class:`SSERewriter` passes a ``text/event-stream`` through untouched and, when
-it meets ``data: [DONE]``, lets the caller insert one extra chunk
-(:func:`final_chunk`) that carries the block(s).
+response (top level when ``n = 1`` and for a Responses API object, per choice
+when ``n > 1``); :class:`SSERewriter` passes a ``text/event-stream`` through and
+holds back only the chunks that carry a ``finish_reason`` (and the usage chunk)
+or the final ``response.completed`` event until the blocks are ready, then
+releases them with the blocks inside: no extra chunk, no repeated choice.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ __all__ = [
     "is_client_key",
     "new_sentinel_id",
     "attach_blocks",
-    "final_chunk",
+    "attach_stream_blocks",
     "SSERewriter",
     "SENTINEL_PATHS",
 ]
 
 # Endpoints whose requests are tracked.
-SENTINEL_PATHS = ("/v1/chat/completions", "/v1/completions")
+SENTINEL_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 
 def new_sentinel_id() -> str:
@@ -188,83 +189,70 @@ def _requested_n(raw) -> int | None:
     return int(n) if n is not None and n > 0 else None
 
 
+_MISSING = {"error": "no sentinel result", "reason": "internal"}
+#: Last event of a Responses API stream (there is no ``data: [DONE]``).
+RESPONSES_FINAL = ("response.completed", "response.incomplete", "response.failed")
+
+
 def attach_blocks(response: dict, blocks: dict[int, dict], n: int) -> dict:
     """Add the sentinel block(s) to a non-streaming JSON response, in place.
 
     Parameters
     ----------
     response : dict
-        ``chat.completion`` or ``text_completion`` object.
+        ``chat.completion``, ``text_completion`` or ``response`` (Responses API) object.
     blocks : dict of int to dict
         Block per choice index.
     n : int
         Choices requested: with ``n == 1`` the block goes to the top level,
-        otherwise into each choice (matched by its ``index``).
+        otherwise into each choice (matched by its ``index``). A Responses
+        object has one output: its block is top level.
 
     Returns
     -------
     dict
         ``response``.
     """
-    if n == 1 and len(response.get("choices") or ()) <= 1:
-        response["sentinel"] = blocks.get(0, {"error": "no sentinel result", "reason": "internal"})
+    if response.get("object") == "response" or (
+            n == 1 and len(response.get("choices") or ()) <= 1):
+        response["sentinel"] = blocks.get(0, _MISSING)
         return response
     for choice in response.get("choices") or ():
         idx = choice.get("index", 0)
-        choice["sentinel"] = blocks.get(idx, {"error": "no sentinel result", "reason": "internal"})
+        choice["sentinel"] = blocks.get(idx, _MISSING)
     return response
 
 
-def final_chunk(template: dict | None, blocks: dict[int, dict], n: int) -> dict:
-    """The extra SSE chunk sent just before ``data: [DONE]``.
-
-    Parameters
-    ----------
-    template : dict or None
-        A previous chunk of the stream (its ``id``, ``object``, ``created`` and
-        ``model`` are copied).
-    blocks : dict of int to dict
-    n : int
-
-    Returns
-    -------
-    dict
-        ``{"id", "object", "created", "model", "choices": [], "sentinel": block}``
-        for ``n == 1``; for ``n > 1`` ``choices`` holds
-        ``{"index": i, "delta": {}, "sentinel": block_i}`` (``"text": ""`` for
-        completions) and there is no top-level block.
-    """
-    template = template or {}
-    chunk = {k: template[k] for k in ("id", "object", "created", "model") if k in template}
-    chunk["choices"] = []
-    if n == 1:
-        chunk["sentinel"] = blocks.get(0, {"error": "no sentinel result", "reason": "internal"})
-        return chunk
-    is_chat = str(template.get("object", "chat.completion.chunk")).startswith("chat")
-    for i in range(n):
-        c = {"index": i, "finish_reason": None}
-        c.update({"delta": {}} if is_chat else {"text": ""})
-        c["sentinel"] = blocks.get(i, {"error": "no sentinel result", "reason": "internal"})
-        chunk["choices"].append(c)
-    return chunk
-
-
 class SSERewriter:
-    """Incremental parser of a ``text/event-stream`` body that holds back ``[DONE]``.
+    """Incremental rewriter of a ``text/event-stream`` body: blocks ride on the finish chunks.
 
-    Feed body pieces with :meth:`feed`; it returns the bytes to forward now
-    (complete events up to, not including, ``data: [DONE]``). :attr:`done` is
-    set once ``[DONE]`` was seen; the caller then sends its own chunk
-    (:meth:`encode`) followed by :attr:`DONE`. :attr:`last_chunk` keeps the last
-    JSON chunk (template for the final one) and :attr:`usage` the last usage seen.
+    Feed body pieces with :meth:`feed`; it returns the bytes to forward now. Every
+    event passes through unchanged and in order, except the ones that must carry
+    the block, which are held back until the stream's end is seen:
+
+    * chat / completions: each chunk that carries a choice's ``finish_reason``
+      (and the usage chunk, ``"choices": []``, sent only when the client asked
+      ``stream_options.include_usage``, so that it stays last); the end is
+      ``data: [DONE]``;
+    * Responses API: the final ``response.completed`` (``.incomplete``,
+      ``.failed``) event, which is the end.
+
+    Once :attr:`done` is set the caller fetches the blocks and calls
+    :meth:`release`, which returns the held events with the blocks in them: for
+    ``n == 1`` the top-level ``"sentinel"`` of the finish chunk, for ``n > 1``
+    each finished choice's ``"sentinel"``, for a Responses stream
+    ``response.sentinel``. No chunk is added, none repeated, so the plain
+    ``for chunk in stream: chunk.choices[0]`` loop of OpenAI clients keeps working.
     """
 
     DONE = b"data: [DONE]\n\n"
 
-    def __init__(self):
+    def __init__(self, n: int = 1):
+        self.n = n
         self._buf = b""
+        self._held: list[tuple[list[bytes], dict]] = []
+        self._tail = b""
         self.done = False
-        self.last_chunk: dict | None = None
         self.usage: dict | None = None
 
     def feed(self, data: bytes) -> bytes:
@@ -281,34 +269,78 @@ class SSERewriter:
             payload = _event_data(event)
             if payload is not None and payload.strip() == b"[DONE]":
                 self.done = True
-                out.append(self._buf)  # anything after [DONE] (should be nothing)
-                self._buf = b""
+                self._tail, self._buf = event + b"\n\n" + self._buf, b""
                 break
-            if payload is not None:
-                self._inspect(payload)
-            out.append(event + b"\n\n")
+            obj = _json(payload)
+            kind = self._kind(obj)
+            if kind is None:
+                out.append(event + b"\n\n")
+                continue
+            self._held.append(([ln for ln in event.splitlines() if not ln.startswith(b"data:")], obj))
+            if kind == "final":
+                self.done = True
+                self._tail, self._buf = self._buf, b""
+                break
+        return b"".join(out)
+
+    def _kind(self, obj) -> str | None:
+        if not isinstance(obj, dict):
+            return None
+        if obj.get("type") in RESPONSES_FINAL and isinstance(obj.get("response"), dict):
+            return "final"
+        choices = obj.get("choices")
+        if not isinstance(choices, list):
+            return None
+        if not choices and obj.get("usage"):
+            self.usage = obj["usage"]
+            return "usage"
+        if any(isinstance(c, dict) and c.get("finish_reason") is not None for c in choices):
+            return "finish"
+        return None
+
+    def release(self, blocks: dict[int, dict]) -> bytes:
+        """The held events with the blocks attached, then whatever followed the end."""
+        out = []
+        for other, obj in self._held:
+            attach_stream_blocks(obj, blocks, self.n)
+            out.append(b"\n".join([*other, b"data: " + json.dumps(obj, separators=(",", ":")).encode()])
+                       + b"\n\n")
+        out.append(self._tail)
+        self._held, self._tail = [], b""
         return b"".join(out)
 
     def flush(self) -> bytes:
-        """Bytes still held back (an incomplete trailing event) at end of stream."""
-        rest, self._buf = self._buf, b""
-        return rest
+        """Held events (unchanged) and any incomplete trailing bytes, at an early end of stream."""
+        out = [b"\n".join([*other, b"data: " + json.dumps(obj, separators=(",", ":")).encode()])
+               + b"\n\n" for other, obj in self._held]
+        rest, self._buf, self._held = self._buf, b"", []
+        return b"".join(out) + rest
 
-    def _inspect(self, payload: bytes) -> None:
-        try:
-            obj = json.loads(payload)
-        except ValueError:
-            return
-        if isinstance(obj, dict):
-            if "id" in obj:
-                self.last_chunk = obj
-            if obj.get("usage"):
-                self.usage = obj["usage"]
 
-    @staticmethod
-    def encode(chunk: dict) -> bytes:
-        """One SSE event for a JSON chunk."""
-        return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+def attach_stream_blocks(chunk: dict, blocks: dict[int, dict], n: int) -> dict:
+    """Put the block(s) into one held stream event, in place (see :class:`SSERewriter`)."""
+    if chunk.get("type") in RESPONSES_FINAL and isinstance(chunk.get("response"), dict):
+        chunk["response"]["sentinel"] = blocks.get(0, _MISSING)
+        return chunk
+    choices = chunk.get("choices") or []
+    for pos, c in enumerate(choices):
+        if not isinstance(c, dict) or c.get("finish_reason") is None:
+            continue
+        block = blocks.get(int(c.get("index", pos) or 0), _MISSING)
+        if n == 1 and len(choices) == 1:
+            chunk["sentinel"] = block
+        else:
+            c["sentinel"] = block
+    return chunk
+
+
+def _json(payload: bytes | None):
+    if payload is None:
+        return None
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return None
 
 
 def _find_event_end(buf: bytes) -> tuple[int, int]:
