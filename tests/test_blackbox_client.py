@@ -174,3 +174,12 @@ def test_sentinel_k_mismatch_and_full_refused(tmp_path, top20):
 def test_not_a_response():
     with pytest.raises(ValueError, match="no 'choices'"):
         extract_choices({"object": "list", "data": []})
+
+
+def test_blackbox_imports_neither_vllm_nor_torch():
+    """API-only users install no vLLM: every blackbox module imports without vLLM and torch."""
+    from test_layout import _import_blocked, _modules
+
+    r = _import_blocked(_modules("sentinel_vllm.blackbox") + ["sentinel_vllm.cli.proxy"], ["vllm", "torch"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("ok 5")
