@@ -242,3 +242,10 @@ def test_refuses_full_and_other_k_sentinels(tmp_path, env):
     with pytest.raises(ValueError, match="top-20"):
         build_app(ProxyConfig(upstream=env["up"].url, sentinel=str(env["sentinel"]), k=5),
                   registry=CollectorRegistry())
+
+
+def test_incoherent_logprobs_request_left_to_the_upstream(env):
+    """top_logprobs without logprobs=true is the upstream's to judge: forwarded as sent."""
+    _post(env, {"model": "ok", "messages": [], "top_logprobs": 3})
+    seen = env["up"].seen[-1]["body"]
+    assert "logprobs" not in seen and seen["top_logprobs"] == 3

@@ -124,8 +124,9 @@ class _Ask:
         if chat:
             self.client_lp = lp is True
             self.client_top = _int(body.get("top_logprobs"), 0) if self.client_lp else 0
-            body["logprobs"] = True
-            body["top_logprobs"] = max(self.client_top, want)
+            if self.client_lp or body.get("top_logprobs") is None:  # else: the upstream judges it
+                body["logprobs"] = True
+                body["top_logprobs"] = max(self.client_top, want)
         else:
             self.client_lp = lp is not None and lp is not False and _int(lp, -1) >= 0
             self.client_top = _int(lp, 0) if self.client_lp else 0
