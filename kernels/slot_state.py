@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from sentinel_vllm.features import compute_features_batch
-from sentinel_vllm.traces import series_key
+from sentinel_vllm.series import parse_series_name
 
 from .step import KMAX_LIMIT, entropy_step
 
@@ -82,10 +82,10 @@ def parse_series(series: Sequence[str]) -> tuple[tuple[int, ...], list[tuple[str
         raise ValueError(f"series must be non-empty and distinct, got {list(series)}")
     parsed = []
     for name in series:
-        # the one grammar of series names (sentinel_vllm.traces); the device
+        # the one grammar of series names (sentinel_vllm.series); the device
         # state needs an explicit k, so the bare "topk"/"topk_renorm" are refused
         try:
-            kind, k = series_key(name)
+            kind, k = parse_series_name(name)
         except ValueError:
             kind, k = None, None
         if kind == "full":

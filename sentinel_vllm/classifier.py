@@ -21,15 +21,15 @@ from typing import Sequence
 
 import numpy as np
 
+from sentinel_vllm.features import FEATURE_NAMES
+from sentinel_vllm.onnx_graph import build_sentinel_model, write_sentinel
 from sentinel_vllm.sentinel_file import (
     SCHEMA_VERSION,
     Sentinel,
     SentinelFileError,
     load_sentinel,
-    normalise_entropy,
 )
-from sentinel_vllm.features import FEATURE_NAMES
-from sentinel_vllm.onnx_graph import build_sentinel_model, write_sentinel
+from sentinel_vllm.series import canonical
 
 __all__ = ["SentinelClassifier", "Sentinel", "SentinelFileError", "load_sentinel"]
 
@@ -239,7 +239,7 @@ class SentinelClassifier:
         import json
 
         self._check_fitted()
-        kind, kk = normalise_entropy(entropy, k)
+        kind, kk = canonical(entropy, k)
         meta = {
             "schema_version": SCHEMA_VERSION,
             "feature_names": [str(f) for f in feature_names],

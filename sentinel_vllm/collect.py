@@ -85,7 +85,9 @@ def _trace_id(spec: BenchmarkSpec, problem) -> str:
 
 def _series_names(ks: Sequence[int]) -> list[str]:
     """Series recorded per step: full, the paper's top-k and the renormalised top-k for each k."""
-    return ["full", *[f"top{k}" for k in ks], *[f"top{k}_renorm" for k in ks]]
+    from sentinel_vllm.series import series_names
+
+    return series_names(ks, renorm=True)
 
 
 def build_llm(model: str, *, ks: Sequence[int] = DEFAULT_KS, max_model_len: int = 2048,

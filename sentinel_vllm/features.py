@@ -41,7 +41,6 @@ __all__ = [
     "compute_features",
     "compute_features_batch",
     "features_from_moments",
-    "TrajectoryAccumulator",
 ]
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -65,8 +64,8 @@ N_FEATURES = len(FEATURE_NAMES)
 def features_from_moments(n, total, m2, m3, m4, vmax, quantiles) -> np.ndarray:
     """Assemble the 11 features from a trajectory's summary quantities.
 
-    The single place where the moment formulas live; the batch function, the
-    streaming accumulator and the kernel's final gather all call it.
+    The single place where the moment formulas live; :func:`compute_features_batch`
+    (and through it :func:`compute_features` and the kernel's final gather) calls it.
 
     Parameters
     ----------
@@ -114,6 +113,9 @@ def _check_finite(x: np.ndarray) -> None:
 def compute_features(trajectory: Iterable[float]) -> np.ndarray:
     """The 11 statistics of one entropy trajectory.
 
+    The batch of one of :func:`compute_features_batch` (one code path for training,
+    evaluation and serving).
+
     Parameters
     ----------
     trajectory : array-like of float, shape (T,)
@@ -134,20 +136,14 @@ def compute_features(trajectory: Iterable[float]) -> np.ndarray:
     x = np.asarray(trajectory, dtype=np.float64)
     if x.ndim != 1:
         raise ValueError(f"trajectory must be 1-D, got shape {x.shape}")
-    _check_finite(x)
-    n = x.size
-    if n == 0:
-        return np.zeros(N_FEATURES)
-    mu = x.mean()
-    d = x - mu
-    q = np.quantile(x, QUANTILE_LEVELS)
-    return features_from_moments(
-        [n], [x.sum()], [np.mean(d**2)], [np.mean(d**3)], [np.mean(d**4)], [x.max()], q[None]
-    )[0]
+    return compute_features_batch(x[None, :], [x.size])[0]
 
 
 def compute_features_batch(padded, lengths) -> np.ndarray:
     """The 11 statistics of many trajectories stored as a padded matrix.
+
+    Moments from masked sums; quantiles by :func:`numpy.nanquantile` (linear
+    interpolation) over the rows with the padding set to NaN.
 
     Parameters
     ----------
@@ -159,7 +155,7 @@ def compute_features_batch(padded, lengths) -> np.ndarray:
     Returns
     -------
     ndarray of float64, shape (batch, 11)
-        Equal to ``compute_features(padded[i, :lengths[i]])`` per row.
+        Row ``i`` is :func:`compute_features` of ``padded[i, :lengths[i]]``.
 
     Raises
     ------
@@ -176,73 +172,12 @@ def compute_features_batch(padded, lengths) -> np.ndarray:
     mask = np.arange(x.shape[1])[None, :] < n[:, None]
     _check_finite(x[mask])
     safe_n = np.maximum(n, 1)
-    xm = np.where(mask, x, 0.0)
-    total = xm.sum(1)
-    mu = total / safe_n
-    d = np.where(mask, x - mu[:, None], 0.0)
-    m2 = (d**2).sum(1) / safe_n
-    m3 = (d**3).sum(1) / safe_n
-    m4 = (d**4).sum(1) / safe_n
-    vmax = np.where(mask, x, -np.inf).max(1, initial=-np.inf)
-    vmax = np.where(n > 0, vmax, 0.0)
-    # Linear-interpolation quantiles on sorted rows (padding sorted to the end).
-    s = np.sort(np.where(mask, x, np.inf), axis=1)
+    total = np.where(mask, x, 0.0).sum(1)
+    d = np.where(mask, x - (total / safe_n)[:, None], 0.0)
+    m2, m3, m4 = ((d**j).sum(1) / safe_n for j in (2, 3, 4))
+    vmax = np.where(n > 0, np.where(mask, x, -np.inf).max(1, initial=-np.inf), 0.0)
     q = np.zeros((x.shape[0], len(QUANTILE_LEVELS)))
-    rows = np.arange(x.shape[0])
-    for j, level in enumerate(QUANTILE_LEVELS):
-        h = (safe_n - 1) * level
-        lo = np.floor(h).astype(np.int64)
-        hi = np.minimum(lo + 1, safe_n - 1)
-        frac = h - lo
-        a = s[rows, np.minimum(lo, max(x.shape[1] - 1, 0))] if x.shape[1] else np.zeros(len(rows))
-        b = s[rows, np.minimum(hi, max(x.shape[1] - 1, 0))] if x.shape[1] else np.zeros(len(rows))
-        a = np.where(n > 0, a, 0.0)
-        b = np.where(n > 0, b, 0.0)
-        q[:, j] = a + (b - a) * frac
+    some = n > 0
+    if some.any():
+        q[some] = np.nanquantile(np.where(mask, x, np.nan)[some], QUANTILE_LEVELS, axis=1).T
     return features_from_moments(n, total, m2, m3, m4, vmax, q)
-
-
-class TrajectoryAccumulator:
-    """Streaming form of :func:`compute_features`: feed steps, read the 11 statistics.
-
-    Keeps the trajectory (quantiles are exact, so the result equals the batch
-    computation up to float rounding). This is the contract that the device
-    paths in :mod:`sentinel_vllm.kernels` meet.
-
-    Examples
-    --------
-    >>> acc = TrajectoryAccumulator()
-    >>> acc.update([0.5, 1.0]); acc.update(2.0)
-    >>> acc.n_steps
-    3
-    """
-
-    def __init__(self) -> None:
-        self._chunks: list[np.ndarray] = []
-        self.n_steps = 0
-
-    def update(self, values) -> None:
-        """Append one step (a float) or several (array-like, shape (n,)), nats.
-
-        Raises
-        ------
-        ValueError
-            If a value is not finite (nothing is appended then).
-        """
-        v = np.atleast_1d(np.asarray(values, dtype=np.float64)).ravel()
-        _check_finite(v)
-        self._chunks.append(v)
-        self.n_steps += v.size
-
-    def trajectory(self) -> np.ndarray:
-        """The steps seen so far, float64 of shape (n_steps,)."""
-        return np.concatenate(self._chunks) if self._chunks else np.zeros(0)
-
-    def result(self) -> np.ndarray:
-        """The 11 features, float64 of shape (11,), in :data:`FEATURE_NAMES` order."""
-        return compute_features(self.trajectory())
-
-    def reset(self) -> None:
-        """Forget every step."""
-        self._chunks.clear()
-        self.n_steps = 0

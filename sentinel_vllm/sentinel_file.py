@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from sentinel_vllm.features import FEATURE_NAMES
+from sentinel_vllm.series import canonical
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -35,7 +36,6 @@ __all__ = [
     "Sentinel",
     "load_sentinel",
     "sentinel_id",
-    "normalise_entropy",
     "DEFAULT_SENTINEL",
     "resolve_sentinel_path",
 ]
@@ -87,30 +87,6 @@ def sentinel_id(data: bytes) -> str:
     str
     """
     return "sentinel-" + hashlib.sha256(data).hexdigest()[:12]
-
-
-def normalise_entropy(entropy: str, k: int | None = None) -> tuple[str, int | None]:
-    """Canonical ``(kind, k)`` of an entropy series: ``("full", None)``,
-    ``("topk", k)`` or ``("topk_renorm", k)``.
-
-    ``"top20"`` equals ``("topk", 20)``; ``"topk"`` needs ``k``. Uses
-    :func:`sentinel_vllm.traces.series_key` (the one home of series names).
-
-    Raises
-    ------
-    ValueError
-        Unknown name, a top-k kind without k, or a name whose k contradicts ``k``.
-    """
-    from sentinel_vllm.traces import series_key
-
-    name, kk = series_key(entropy, k)
-    if name == "full":
-        return "full", None
-    if kk is None:
-        raise ValueError(f"entropy {entropy!r} needs k (the top-k size)")
-    if k is not None and int(k) != int(kk):
-        raise ValueError(f"entropy {entropy!r} says k={kk} but k={k} was given")
-    return name, int(kk)
 
 
 def _describe(entropy: str, k) -> str:
@@ -228,7 +204,7 @@ class Sentinel:
                 f"sentinel {self.id} expects features {want}; given {got} ({detail})"
             )
         try:
-            kind = normalise_entropy(entropy, k)
+            kind = canonical(entropy, k)
         except ValueError as e:
             raise SentinelFileError(f"sentinel {self.id}: {e}") from None
         mine = (self.metadata["entropy"], self.metadata["k"])
@@ -263,7 +239,7 @@ def _read_metadata(model, path) -> dict:
     if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
         _fail(path, f"feature_names must be a non-empty list of str, got {names!r}")
     try:
-        meta["entropy"], meta["k"] = normalise_entropy(meta["entropy"], meta["k"])
+        meta["entropy"], meta["k"] = canonical(meta["entropy"], meta["k"])
     except (ValueError, TypeError) as e:
         _fail(path, f"bad entropy kind in metadata: {e}")
     return meta

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from sentinel_vllm.evaluate import CompositionResult, evaluate_composition, statistic_auroc
+from sentinel_vllm.series import parse_series_name, series_names
 from sentinel_vllm.traces import Trace
 
 __all__ = ["VariantResult", "variant_names", "extremes", "compare_variants", "plot_variants"]
@@ -56,11 +57,7 @@ class VariantResult:
 
 def variant_names(ks: Sequence[int], renorm: bool = True) -> list[tuple[str, int | None]]:
     """``[("full", None), ("top1", 1), ..., ("top1_renorm", 1), ...]``."""
-    out: list[tuple[str, int | None]] = [("full", None)]
-    out += [(f"top{k}", k) for k in ks]
-    if renorm:
-        out += [(f"top{k}_renorm", k) for k in ks]
-    return out
+    return [(name, parse_series_name(name)[1]) for name in series_names(ks, renorm=renorm)]
 
 
 def extremes(traces: Sequence[Trace]) -> tuple[str, str]:

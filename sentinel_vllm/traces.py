@@ -29,7 +29,6 @@ import gzip
 import json
 import math
 import os
-import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
@@ -37,6 +36,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from sentinel_vllm.features import compute_features
+from sentinel_vllm.series import is_series, parse_series_name, series_name
 
 __all__ = [
     "Trace",
@@ -45,12 +45,10 @@ __all__ = [
     "ReadReport",
     "read_traces",
     "write_traces",
-    "series_key",
     "feature_matrix",
 ]
 
 _KNOWN = {"id", "slice", "correct", "entropy", "k"}
-_SERIES_RE = re.compile(r"^(full|topk|topk_renorm|top(\d+)(_renorm)?)$")
 
 
 class TraceFormatError(ValueError):
@@ -95,17 +93,16 @@ class Trace:
         k : int, optional
             For ``topk``/``topk_renorm``; default: the trace's own ``k``.
         """
-        name, kk = series_key(entropy, k)
-        if name == "full":
+        kind, kk = parse_series_name(entropy, k)
+        if kind == "full":
             return self.entropy.get("full")
         kk = self.k if kk is None else kk
-        renorm = name.endswith("_renorm")
         if kk is not None:
-            s = self.entropy.get(f"top{kk}_renorm" if renorm else f"top{kk}")
+            s = self.entropy.get(series_name(kind, kk))
             if s is not None:
                 return s
         if self.k is not None and kk == self.k:
-            return self.entropy.get("topk_renorm" if renorm else "topk")
+            return self.entropy.get(kind)
         return None
 
     def to_record(self) -> dict:
@@ -116,24 +113,6 @@ class Trace:
             rec["k"] = self.k
         rec.update(self.extra)
         return rec
-
-
-def series_key(entropy: str, k: int | None = None) -> tuple[str, int | None]:
-    """Normalise an entropy kind: ``"top5"`` -> ``("topk", 5)``, ``"top5_renorm"`` -> ``("topk_renorm", 5)``.
-
-    Raises
-    ------
-    ValueError
-        For an unknown name.
-    """
-    m = _SERIES_RE.match(entropy or "")
-    if not m:
-        raise ValueError(
-            f"unknown entropy kind {entropy!r}: use full, topk, topk_renorm, top<K> or top<K>_renorm"
-        )
-    if m.group(2):
-        return ("topk_renorm" if m.group(3) else "topk"), int(m.group(2))
-    return entropy, (None if entropy == "full" else k)
 
 
 @dataclass
@@ -166,7 +145,7 @@ def _parse_record(obj, where: str) -> Trace:
     for name, values in ent.items():
         if values is None:
             continue
-        if not _SERIES_RE.match(name):
+        if not is_series(name):
             raise TraceFormatError(f"{where}: unknown entropy series {name!r}")
         if not isinstance(values, (list, tuple, np.ndarray)):
             raise TraceFormatError(f"{where}: series {name!r} must be a list of numbers")
@@ -341,7 +320,7 @@ def feature_matrix(
             continue
         rows.append(compute_features(s))
     if missing:
-        name, kk = series_key(entropy, k)
+        name, kk = parse_series_name(entropy, k)
         label = name if kk is None else f"{name} (k={kk})"
         raise MissingSeriesError(
             f"{len(missing)} of {len(traces)} traces lack the {label} entropy series "

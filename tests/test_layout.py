@@ -27,6 +27,7 @@ ROOT = Path(sentinel_vllm.__file__).parent
 CORE = [
     "sentinel_vllm.entropy",
     "sentinel_vllm.features",
+    "sentinel_vllm.series",
     "sentinel_vllm.classifier",
     "sentinel_vllm.aggregate",
     "sentinel_vllm.evaluate",

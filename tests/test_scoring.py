@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sentinel_vllm.features import FEATURE_NAMES, compute_features
-from sentinel_vllm.serving.api.scoring import SentinelScorer, resolve_sentinel_path, series_name
+from sentinel_vllm.serving.api.scoring import SentinelScorer, resolve_sentinel_path
 from serving_helpers import make_tiny_sentinel, reference_p
 
 
@@ -18,14 +18,6 @@ def tiny(tmp_path_factory):
 def _sample(traj, series="full", child=0):
     return {"child": child, "n_steps": len(traj), "nan_steps": 0, "truncated": False,
             "features": {series: compute_features(traj).tolist()}}
-
-
-def test_series_names():
-    assert series_name("full", None) == "full"
-    assert series_name("topk", 20) == "top20"
-    assert series_name("top5_renorm", None) == "top5_renorm"
-    with pytest.raises(ValueError):
-        series_name("topk", None)
 
 
 def test_blocks_match_sklearn_and_features(tiny):

@@ -14,7 +14,6 @@ from sentinel_vllm.traces import (
     TraceFormatError,
     feature_matrix,
     read_traces,
-    series_key,
     write_traces,
 )
 
@@ -48,9 +47,6 @@ def test_series_lookup():
     assert t.series("topk", 20) == t.series("top20") == [0.9, 0.4, 0.2]
     assert t.series("top5") == [0.5, 0.3, 0.1]
     assert t.series("top50") is None and t.series("topk_renorm") is None
-    assert series_key("top5_renorm") == ("topk_renorm", 5)
-    with pytest.raises(ValueError):
-        series_key("bogus")
 
 
 def read_traces_from(rec):

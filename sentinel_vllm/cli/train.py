@@ -27,7 +27,8 @@ def run(args) -> int:
     import numpy as np
 
     from sentinel_vllm.classifier import SentinelClassifier
-    from sentinel_vllm.traces import feature_matrix, series_key
+    from sentinel_vllm.series import parse_series_name
+    from sentinel_vllm.traces import feature_matrix
 
     traces = [t for t in _common.load(args) if t.correct is not None]
     if args.slices:
@@ -41,7 +42,7 @@ def run(args) -> int:
         raise ValueError("no labelled traces to train on")
     X = feature_matrix(traces, args.entropy, args.k)
     y = np.array([t.correct for t in traces], dtype=int)
-    name, k = series_key(args.entropy, args.k)
+    name, k = parse_series_name(args.entropy, args.k)
     if name != "full" and k is None:
         ks = {t.k for t in traces}
         if len(ks) != 1:

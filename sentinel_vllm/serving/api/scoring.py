@@ -26,46 +26,18 @@ from typing import Sequence
 
 import numpy as np
 
-from sentinel_vllm.sentinel_file import DEFAULT_SENTINEL, normalise_entropy, resolve_sentinel_path
 from sentinel_vllm.features import FEATURE_NAMES
+from sentinel_vllm.sentinel_file import DEFAULT_SENTINEL, resolve_sentinel_path
+from sentinel_vllm.series import canonical, series_name, split_series
 from sentinel_vllm.serving.contract import DEFAULT_SERIES
 
 __all__ = [
     "SentinelScorer",
     "ScoredSample",
-    "series_name",
     "resolve_sentinel_path",
     "DEFAULT_SENTINEL",
     "worker_series",
 ]
-
-
-def series_name(entropy: str, k: int | None) -> str:
-    """Name of the worker's entropy series a sentinel was trained on.
-
-    Parameters
-    ----------
-    entropy : str
-        The sentinel's ``metadata["entropy"]``: ``"full"``, ``"topk"`` (paper's
-        top-k, needs ``k``), ``"topk_renorm"`` (needs ``k``) or an explicit series
-        name such as ``"top20"`` (normalised by
-        :func:`sentinel_vllm.sentinel_file.normalise_entropy`).
-    k : int or None
-
-    Returns
-    -------
-    str
-        ``"full"``, ``"top{k}"`` or ``"top{k}_renorm"``.
-
-    Raises
-    ------
-    ValueError
-        ``"topk"``/``"topk_renorm"`` without a positive ``k``.
-    """
-    kind, kk = normalise_entropy(entropy, k)
-    if kind == "full":
-        return "full"
-    return f"top{kk}" + ("_renorm" if kind == "topk_renorm" else "")
 
 
 def worker_series(scorer, env: str | None) -> str:
@@ -89,7 +61,7 @@ def worker_series(scorer, env: str | None) -> str:
         The user's list lacks the sentinel's series.
     """
     if env:
-        have = [s.strip() for s in env.split(",") if s.strip()]
+        have = list(split_series(env))
         if scorer.series not in have:
             raise ValueError(f"SENTINEL_SERIES={env!r} does not record {scorer.series!r}, the "
                              f"series sentinel {scorer.id} scores")
@@ -158,7 +130,7 @@ class SentinelScorer:
             )
         self.sentinel = sentinel
         self.id = str(getattr(sentinel, "id", "sentinel-unknown"))
-        self.entropy, self.k = normalise_entropy(str(meta.get("entropy", "full")), meta.get("k"))
+        self.entropy, self.k = canonical(str(meta.get("entropy", "full")), meta.get("k"))
         self.series = series_name(self.entropy, self.k)
         self.vocab_size = vocab_size
 

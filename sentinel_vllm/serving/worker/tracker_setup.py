@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sentinel_vllm.series import split_series
 from sentinel_vllm.serving.contract import ADDITIONAL_CONFIG_KEY, DEFAULT_SERIES, SERIES_ENV
 from sentinel_vllm.serving.worker.tracker import DEFAULT_PARK_TIMEOUT_S, SlotTracker, register
 
@@ -58,11 +59,8 @@ def tracker_config(vllm_config: Any) -> dict:
     )
     max_seqs = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", 256) or 256
 
-    def series_conv(v):
-        return tuple(s.strip() for s in (v.split(",") if isinstance(v, str) else v) if s.strip())
-
     return {
-        "series": get("series", SERIES_ENV, DEFAULT_SERIES, series_conv),
+        "series": get("series", SERIES_ENV, DEFAULT_SERIES, split_series),
         "max_steps": get("max_steps", "SENTINEL_MAX_STEPS", min(int(max_model_len), 32768), int),
         "num_slots": get("num_slots", "SENTINEL_NUM_SLOTS", 2 * int(max_seqs), int),
         "park_timeout_s": get(
