@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sentinel_vllm.features import FEATURE_NAMES
+from sentinel_vllm.features import FEATURE_NAMES, check_feature_matrix
 from sentinel_vllm.onnx_graph import build_sentinel_model, write_sentinel
 from sentinel_vllm.sentinel_file import (
     SCHEMA_VERSION,
@@ -105,16 +105,6 @@ class SentinelClassifier:
         self.random_state = random_state
         self.n_jobs = n_jobs
 
-    @staticmethod
-    def _check_X(X, n_features=None) -> np.ndarray:
-        X = np.asarray(X, dtype=np.float64)
-        if X.ndim != 2 or (n_features is not None and X.shape[1] != n_features):
-            want = "(n, n_features)" if n_features is None else f"(n, {n_features})"
-            raise ValueError(f"X must have shape {want}; got {X.shape}")
-        if not np.isfinite(X).all():
-            raise ValueError(f"X holds NaN/inf in {int((~np.isfinite(X)).any(axis=1).sum())} rows")
-        return X
-
     def fit(self, X, y) -> "SentinelClassifier":
         """Select, fit and calibrate the forest.
 
@@ -136,7 +126,7 @@ class SentinelClassifier:
         from sklearn.pipeline import Pipeline
         from sklearn.preprocessing import StandardScaler
 
-        X = self._check_X(X)
+        X = check_feature_matrix(X)
         y = np.asarray(y)
         if y.ndim != 1 or len(y) != len(X):
             raise ValueError(f"y must have shape ({len(X)},); got {y.shape}")
@@ -201,7 +191,7 @@ class SentinelClassifier:
         ndarray of float64, shape (n, 2), columns in ``classes_`` order ``[False, True]``.
         """
         self._check_fitted()
-        X = self._check_X(X, self.n_features_in_)
+        X = check_feature_matrix(X, self.n_features_in_)
         proba = self.pipeline_.predict_proba(X)
         if self.isotonic_ is None:
             return proba

@@ -30,7 +30,7 @@ kernel paths drop flagged steps before they reach these statistics.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -40,6 +40,7 @@ __all__ = [
     "EPS",
     "compute_features",
     "compute_features_batch",
+    "check_feature_matrix",
     "features_from_moments",
 ]
 
@@ -102,6 +103,44 @@ def features_from_moments(n, total, m2, m3, m4, vmax, quantiles) -> np.ndarray:
     out[:, 10] = total
     out[n <= 0] = 0.0
     return out
+
+
+def check_feature_matrix(X, n_features: int | None = None,
+                         feature_names: Sequence[str] | None = None) -> np.ndarray:
+    """The input check of every model that reads feature rows (estimator and sentinel file).
+
+    Parameters
+    ----------
+    X : array-like of float, shape (n, n_features)
+    n_features : int, optional
+        Required width; any width when None.
+    feature_names : sequence of str, optional
+        Column names, for the messages (default: :data:`FEATURE_NAMES` when the width is 11).
+
+    Returns
+    -------
+    ndarray of float64, C-contiguous, shape (n, n_features)
+
+    Raises
+    ------
+    ValueError
+        Not two-dimensional, the wrong width, or a NaN/inf (the message counts the rows
+        and names the first row and feature).
+    """
+    X = np.ascontiguousarray(X, dtype=np.float64)
+    if X.ndim != 2 or (n_features is not None and X.shape[1] != n_features):
+        want = "(n, n_features)" if n_features is None else f"(n, {n_features})"
+        order = f" in the order {list(feature_names)}" if feature_names is not None else ""
+        raise ValueError(f"features must have shape {want}{order}; got shape {X.shape}")
+    bad = ~np.isfinite(X)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        names = list(feature_names) if feature_names is not None else (
+            list(FEATURE_NAMES) if X.shape[1] == N_FEATURES else None)
+        col = repr(names[c]) if names is not None else str(int(c))
+        raise ValueError(f"{int(bad.any(axis=1).sum())} feature rows hold NaN/inf; first: "
+                         f"row {r}, feature {col} = {X[r, c]}")
+    return X
 
 
 def _check_finite(x: np.ndarray) -> None:

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sentinel_vllm.features import FEATURE_NAMES
+from sentinel_vllm.features import FEATURE_NAMES, check_feature_matrix
 from sentinel_vllm.series import canonical
 
 __all__ = [
@@ -123,20 +123,7 @@ class Sentinel:
         return f"Sentinel({self.id}, entropy={_describe(m['entropy'], m['k'])}, path={self.path!r})"
 
     def _check_X(self, X) -> np.ndarray:
-        X = np.asarray(X, dtype=np.float64)
-        if X.ndim != 2 or X.shape[1] != self.n_features:
-            raise ValueError(
-                f"features must have shape (n, {self.n_features}) in the order "
-                f"{self.metadata['feature_names']}; got shape {X.shape}"
-            )
-        bad = ~np.isfinite(X)
-        if bad.any():
-            r, c = np.argwhere(bad)[0]
-            raise ValueError(
-                f"{int(bad.any(axis=1).sum())} feature rows hold NaN/inf; first: row {r}, "
-                f"feature {self.metadata['feature_names'][c]!r} = {X[r, c]}"
-            )
-        return np.ascontiguousarray(X)
+        return check_feature_matrix(X, self.n_features, self.metadata["feature_names"])
 
     def predict_proba(self, X) -> np.ndarray:
         """P(incorrect), P(correct) per row.

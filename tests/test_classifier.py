@@ -128,7 +128,7 @@ def test_degenerate_labels_raise(y, match):
 def test_bad_inputs_raise(fitted):
     X = np.zeros((10, 11))
     X[3, 4] = np.nan
-    with pytest.raises(ValueError, match="NaN/inf in 1 rows"):
+    with pytest.raises(ValueError, match="1 feature rows hold NaN/inf; first: row 3, feature .q25."):
         SentinelClassifier().fit(X, np.r_[np.zeros(5), np.ones(5)])
     with pytest.raises(ValueError, match=r"shape \(n, 11\)"):
         fitted.predict_proba(np.zeros((3, 10)))

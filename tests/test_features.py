@@ -87,3 +87,34 @@ def test_batch_and_single_match_numpy_reference():
     padded[0, 0] = np.nan  # NaN in the padding is ignored
     assert compute_features_batch(padded[:2], lengths[:2]).shape == (2, 11)
     assert compute_features_batch(np.zeros((3, 0)), [0, 0, 0]).tolist() == [[0.0] * 11] * 3
+
+
+def test_check_feature_matrix_is_the_shared_input_check(tmp_path):
+    from sentinel_vllm.classifier import SentinelClassifier
+    from sentinel_vllm.features import check_feature_matrix
+
+    X = np.zeros((6, 11))
+    X[4, 10] = np.inf
+    with pytest.raises(ValueError, match=r"1 feature rows hold NaN/inf; first: row 4, feature 'sum'"):
+        check_feature_matrix(X, 11)
+    with pytest.raises(ValueError, match=r"shape \(n, 11\)"):
+        check_feature_matrix(np.zeros((2, 3)), 11)
+    with pytest.raises(ValueError, match=r"row 0, feature 2 = nan"):
+        check_feature_matrix([[0.0, 1.0, np.nan]])  # another width: columns by index
+    got = check_feature_matrix(np.asfortranarray(np.ones((3, 11), dtype=np.float32)))
+    assert got.dtype == np.float64 and got.flags.c_contiguous
+    # the estimator and the loaded file say the same thing about the same bad input
+    rng = np.random.default_rng(0)
+    clf = SentinelClassifier(n_estimators=5, max_depth_grid=(3,), min_samples_split_grid=(2,), cv=2)
+    clf.fit(rng.normal(size=(40, 11)), np.r_[np.zeros(20), np.ones(20)])
+    sent = clf.export_onnx(tmp_path / "s.onnx")
+    from sentinel_vllm.sentinel_file import load_sentinel
+
+    loaded = load_sentinel(tmp_path / "s.onnx")
+    assert loaded.id == sent
+    msgs = []
+    for model in (clf.predict_proba, loaded.predict_proba):
+        with pytest.raises(ValueError) as e:
+            model(X)
+        msgs.append(str(e.value))
+    assert msgs[0] == msgs[1]
