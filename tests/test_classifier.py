@@ -8,8 +8,8 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-from sentinel_vllm.features import compute_features
 from sentinel_vllm.classifier import SentinelClassifier
+from sentinel_vllm.features import compute_features
 
 
 def entropy_data(n, seed):

@@ -41,10 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from sentinel_vllm.features import FEATURE_NAMES
 from sentinel_vllm.serving.contract import DEFAULT_SERIES
 
-__all__ = ["DEFAULT_PARK_TIMEOUT_S", "DEFAULT_SERIES", "SlotTracker", "live_trackers", "register"]
+__all__ = ["DEFAULT_PARK_TIMEOUT_S", "Entry", "SlotTracker", "live_trackers", "register"]
 
 DEFAULT_PARK_TIMEOUT_S = 600.0
 
@@ -400,8 +399,3 @@ def live_trackers() -> list[SlotTracker]:
     with _REGISTRY_LOCK:
         out = [r() for r in _REGISTRY]
         return [t for t in out if t is not None]
-
-
-def feature_names() -> tuple[str, ...]:
-    """The order of the 11 values in ``fetch`` answers."""
-    return FEATURE_NAMES
