@@ -204,3 +204,25 @@ def test_multiple_choice_gold_given_as_option_text():
     p = Problem("m/2", "m", "Which star?", "white dwarf", choices=MC.choices)
     assert grade(p, "Answer: B").correct
     assert not grade(p, "Answer: A").correct
+
+
+@pytest.mark.parametrize(
+    "response, answer",
+    [
+        ("Final Answer: **73** (checked in 2 ways)", "73"),
+        ("**Final Answer:** 73, found in 2 steps", "73"),
+        ("The answer is **-1.5** after 3 tries", "-1.5"),
+        ("So the answer is 1,200 dollars for 4 people.", "1,200"),
+        (r"Answer: **$\frac{3}{4}$** (2 checks)", r"\frac{3}{4}"),
+    ],
+)
+def test_answer_after_final_answer_label_wins_over_later_numbers(response, answer):
+    assert extract_answer(response) == (answer, "answer is")
+
+
+def test_bold_final_answer_grades_by_its_value():
+    from sentinel_vllm.datasets.grading import grade_math
+
+    g = grade_math("73", "Final Answer: **73** (checked in 2 ways)")
+    assert g.correct is True and g.extracted == "73"
+    assert grade_math("2", "Final Answer: **73** (checked in 2 ways)").correct is False

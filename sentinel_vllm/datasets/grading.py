@@ -1,7 +1,7 @@
 """Grade a model response against a :class:`~sentinel_vllm.datasets.registry.Problem`.
 
-Free-form answers: extract the last ``\\boxed{}`` of the response (else the expression
-after a final "answer is", else the last number), then ``math_verify.verify(parse(gold),
+Free-form answers: extract the last ``\\boxed{}`` of the response (else what follows a
+final "answer is"/"Answer:": math, a bold value or a leading number; else the last number), then ``math_verify.verify(parse(gold),
 parse(pred))`` with the gold first. Multiple choice: extract the option letter (boxed,
 "answer is (B)", bold, a bare letter line, or the text of one option) and compare.
 
@@ -72,14 +72,35 @@ def extract_answer(response: str) -> tuple[str | None, str]:
         return boxed, "boxed"
     matches = list(_ANSWER_IS.finditer(tail))
     if matches:
-        rest = matches[-1].group(1).strip()
-        m = re.match(r"\$+([^$]+)\$+|\\\((.+?)\\\)|\\\[(.+?)\\\]", rest)
-        if m:
-            return next(g for g in m.groups() if g).strip(), "answer is"
+        found = _after_label(matches[-1].group(1).strip())
+        if found:
+            return found, "answer is"
     nums = _NUMBER.findall(tail)
     if nums:
         return nums[-1], "last number"
     return None, "no answer found"
+
+
+_MATH = re.compile(r"\$+([^$]+)\$+|\\\((.+?)\\\)|\\\[(.+?)\\\]")
+_BOLD = re.compile(r"\*\*\s*(.+?)\s*\*\*")
+
+
+def _after_label(rest: str) -> str | None:
+    """The answer right after "answer is"/"Answer:": math, a bold value, or a leading number.
+
+    Later numbers (``"**73** (checked in 2 ways)"``) are commentary, not the answer.
+    """
+    bold = _BOLD.match(rest)
+    rest = bold.group(1).strip() if bold else rest.lstrip("* ")  # "**Answer:** 73" leaves "** 73"
+    m = _MATH.match(rest)
+    if m:
+        return next(g for g in m.groups() if g).strip()
+    m = _NUMBER.match(rest.lstrip("\\$ "))
+    if m:
+        return m.group(0)
+    if bold and rest:
+        return rest.rstrip(".").strip()
+    return None
 
 
 def _normalise(ans: str) -> str:
