@@ -1,8 +1,8 @@
 """Grade a model response against a :class:`~sentinel_vllm.datasets.registry.Problem`.
 
 Free-form answers: extract the last ``\\boxed{}`` of the response (else what follows a
-final "answer is"/"Answer:": math, a bold value or a leading number; else the last number), then ``math_verify.verify(parse(gold),
-parse(pred))`` with the gold first. Multiple choice: extract the option letter (boxed,
+final "answer is"/"Answer:": math, a bold value or a leading number; else the last
+number), then ``math_verify.verify(parse(gold), parse(pred))`` with the gold first. Multiple choice: extract the option letter (boxed,
 "answer is (B)", bold, a bare letter line, or the text of one option) and compare.
 
 Never raises on model output: odd, empty or huge responses grade False with a reason.
