@@ -117,19 +117,18 @@ def run_demo(model_name: str, sentinel: str, benchmarks: list[str], n: int, *, m
     log_path = os.path.join(tempfile.gettempdir(), f"sentinel-demo-{port}.log")
     print(f"starting sentinel-vllm serve {model_name} --sentinel {sentinel} (log: {log_path})",
           file=out, flush=True)
-    proc = start_server(model, sentinel, port, log_path)
+    proc = _start_with_status(lambda: start_server(model, sentinel, port, log_path), log_path, out)
     try:
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(concurrency) as pool:
-            resps = list(pool.map(lambda sp: chat(port, model, sp[1].render(), sp[0].slice, max_tokens),
-                                  problems))
+        resps = _ask_with_progress(port, model, problems, max_tokens, concurrency, out)
         dt = time.perf_counter() - t0
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             metrics = [ln for ln in r.read().decode().splitlines()
                        if ln.startswith("sentinel_") and "estimated_accuracy" in ln]
     finally:
         stop_server(proc)
-    print(f"\n{len(resps)} requests in {dt:.0f} s\n", file=out)
+    tokens = sum(r["usage"]["completion_tokens"] for r in resps)
+    print(f"\n{len(resps)} requests in {dt:.0f} s ({tokens / max(dt, 1e-9):.1f} tokens/s)\n", file=out)
     print(f"{'request':28s} {'slice':10s} {'tokens':>6s} {'p_correct':>9s}  graded", file=out)
     slices, ps, truth = [], [], []
     for (spec, prob), r in zip(problems, resps):
@@ -154,3 +153,66 @@ def run_demo(model_name: str, sentinel: str, benchmarks: list[str], n: int, *, m
         for ln in metrics[:12]:
             print("  " + ln, file=out)
     return est
+
+
+def _start_with_status(start, log_path: str, out, every_s: float = 5.0):
+    """Run ``start()`` (blocking until the server is healthy) while printing its progress.
+
+    Every ``every_s`` seconds one line: time waited and the server log's last line
+    (model loading, KV cache, compilation...), so a slow start is never silent.
+    """
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(start)
+        while True:
+            try:
+                proc = fut.result(timeout=every_s)
+                break
+            except TimeoutError:
+                print(f"  server starting: {time.perf_counter() - t0:4.0f} s  {_last_log_line(log_path)}",
+                      file=out, flush=True)
+    print(f"server ready after {time.perf_counter() - t0:.0f} s", file=out, flush=True)
+    return proc
+
+
+def _last_log_line(path: str, width: int = 90) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 4096))
+            lines = [ln for ln in fh.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    if not lines:
+        return ""
+    line = lines[-1].split("] ", 1)[-1].strip()  # drop vLLM's "(APIServer pid=..) INFO ... [file:line]"
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def _ask_with_progress(port, model, problems, max_tokens, concurrency, out) -> list[dict]:
+    """Send every question concurrently; a progress bar counts answers and tokens/s."""
+    from concurrent.futures import as_completed
+
+    try:
+        from tqdm import tqdm
+    except ImportError:  # plain lines instead of a bar
+        tqdm = None
+    resps: list = [None] * len(problems)
+    bar = tqdm(total=len(problems), unit="req", desc="answered", file=out, dynamic_ncols=True) \
+        if tqdm is not None else None
+    t0, tokens = time.perf_counter(), 0
+    with ThreadPoolExecutor(concurrency) as pool:
+        futs = {pool.submit(chat, port, model, p.render(), spec.slice, max_tokens): i
+                for i, (spec, p) in enumerate(problems)}
+        for done, fut in enumerate(as_completed(futs), 1):
+            resps[futs[fut]] = r = fut.result()
+            tokens += r["usage"]["completion_tokens"]
+            rate = tokens / max(time.perf_counter() - t0, 1e-9)
+            if bar is not None:
+                bar.set_postfix_str(f"{rate:.1f} tokens/s", refresh=False)
+                bar.update(1)
+            else:
+                print(f"  answered {done}/{len(problems)}  {rate:.1f} tokens/s", file=out, flush=True)
+    if bar is not None:
+        bar.close()
+    return resps
