@@ -178,3 +178,32 @@ def test_lobo_real_classifier_on_synthetic_traces():
     # the synthetic entropy carries the latent confidence: held-out estimates track the truth
     assert pcc.summary["spearman_rho"] > 0.7
     assert pcc.summary["median_aee"] < 0.15
+
+
+def test_evaluate_protocol_lobo_cli(tmp_path, capsys):
+    import csv
+
+    from sentinel_vllm.cli import main
+    from sentinel_vllm.traces import write_traces
+    from synthetic import SLICES, make_traces
+
+    f = tmp_path / "t.jsonl"
+    three = {k: v for k, v in SLICES.items() if k != "mixed"}
+    write_traces(f, make_traces(30, seed=4, slices=three, with_topk=False))
+    out = tmp_path / "lobo"
+    assert main(["evaluate", str(f), "--protocol", "lobo", "--composition", "extremes",
+                 "--out-dir", str(out)]) == 0
+    with open(out / "lobo_summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows[0]["recipe"] == "extremes/paper" and rows[0]["n_units"] == "3"
+    assert rows[-1]["recipe"].startswith("paper protocol")
+    with open(out / "lobo_units.csv", newline="") as fh:
+        units = list(csv.DictReader(fh))
+    assert len(units) == 3
+    for u in units:
+        assert float(u["aee"]) == pytest.approx(abs(float(u["estimated"]) - float(u["true"])), abs=1e-12)
+    assert float(rows[0]["worst_aee"]) == pytest.approx(max(float(u["aee"]) for u in units))
+    assert (out / "lobo.png").stat().st_size > 0 and "Leave-one-benchmark-out" in (out / "lobo.md").read_text()
+    capsys.readouterr()
+    assert main(["evaluate", str(f), "--protocol", "lobo", "--train", "easy", "--out-dir", str(out)]) == 1
+    assert "drop --train" in capsys.readouterr().err

@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "train",
     "score": "score",
     "estimate": "estimate",
+    "audit": "audit",
     "evaluate": "evaluate",
     "serve": "serve",
     "models": "models",

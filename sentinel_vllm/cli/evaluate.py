@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 
-from sentinel_vllm.cli import _common
+from sentinel_vllm.cli import _common, _lobo
 
 EPILOG = ("examples:\n  sentinel-vllm evaluate traces.jsonl.gz --train gsm8k,ocw --out-dir eval/\n"
-          "  sentinel-vllm evaluate traces.jsonl.gz --sweep --out-dir sweep/")
+          "  sentinel-vllm evaluate traces.jsonl.gz --sweep --out-dir sweep/\n"
+          "  sentinel-vllm evaluate traces.jsonl.gz --protocol lobo --out-dir lobo/")
 COMP_COLUMNS = ["train", "median_aee", "mean_aee", "spearman_rho", "median_aee_unseen",
                 "spearman_rho_unseen", "brier", "ece"]
 SLICE_COLUMNS = ["train", "slice", "seen", "n", "estimated", "ci_low", "ci_high", "true", "aee"]
@@ -32,6 +33,7 @@ def add_parser(sub):
     p.add_argument("--out-dir", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plots", action="store_true")
+    _lobo.add_arguments(p)
     return p
 
 
@@ -43,6 +45,10 @@ def composition_row(c) -> list:
 
 
 def run(args) -> int:
+    if args.protocol == "lobo":
+        if args.train or args.sweep:
+            raise ValueError("--protocol lobo chooses its own training sets; drop --train/--sweep")
+        return _lobo.run(args)
     from sentinel_vllm.evaluate import evaluate_composition, plot_run, statistic_auroc, sweep
 
     traces = _common.load(args)

@@ -1,0 +1,43 @@
+"""``sentinel-vllm audit``: per-slice accuracy from a small human audit (PPI++ 95% intervals)."""
+
+from __future__ import annotations
+
+import json
+
+from sentinel_vllm.cli import _common
+
+EPILOG = ("example: sentinel-vllm audit sentinel.onnx --traces traffic.jsonl.gz "
+          "--labels labels.jsonl --json\n"
+          "labels: one JSON object per line, {\"id\": \"<trace id>\", \"correct\": true|false}")
+COLUMNS = ["slice", "n", "n_labelled", "estimate", "ci_low", "ci_high", "labels_only",
+           "labels_ci_low", "labels_ci_high", "unlabelled", "unlabelled_ci_low",
+           "unlabelled_ci_high", "lam"]
+
+
+def add_parser(sub):
+    import argparse
+
+    p = sub.add_parser("audit", help="accuracy per slice from a few human labels + the sentinel (PPI++)",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sentinel", help="sentinel .onnx file (or 'default')")
+    p.add_argument("--traces", nargs="+", required=True, metavar="TRAFFIC",
+                   help="traffic trace files ('correct' may be null; it is not used)")
+    p.add_argument("--labels", required=True, help="JSONL of {\"id\", \"correct\"} for some responses")
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed trace records and count them")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per slice")
+    return p
+
+
+def run(args) -> int:
+    from sentinel_vllm.audit import audit_slices, read_labels
+    from sentinel_vllm.cli.score import score_traces
+
+    labels = read_labels(args.labels)
+    traces = _common.load(args)
+    _, p = score_traces(args.sentinel, traces)
+    res = audit_slices([t.slice for t in traces], p, [t.id for t in traces], labels)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in res], indent=2, allow_nan=False))
+        return 0
+    print(_common.markdown_table(COLUMNS, [[getattr(r, c) for c in COLUMNS] for r in res]))
+    return 0
