@@ -68,6 +68,29 @@ def test_per_sample_errors_do_not_spoil_the_batch(tiny):
         reference_p(parts, [compute_features([0.5, 1.5])])[0])
 
 
+def test_malformed_samples_never_raise(tiny):
+    path, parts = tiny
+    sc = SentinelScorer.from_path(path)
+    good = _sample([0.5, 1.5])
+    bad = [
+        ["not", "a", "dict"],                                     # sample not a dict
+        {"child": 0, "n_steps": 2, "features": [0.0] * 11},       # features not a dict
+        {"child": 0, "n_steps": 2, "features": {"full": 3.0}},    # series not a list
+        {"child": 0, "n_steps": 2, "features": {"full": ["x"] * 11}},  # not numbers
+        {**good, "n_steps": "two"},                               # n_steps a string
+        {**good, "nan_steps": [1]},                               # nan_steps not an int
+        {**good, "n_steps": -3},                                  # negative length
+    ]
+    out = sc.score([good, *bad, good], ["s"] * (len(bad) + 2))
+    assert [o.reason for o in out] == [None] + ["internal"] * len(bad) + [None]
+    for o in out[1:-1]:
+        assert o.block["slice"] == "s" and "malformed sample from the worker" in o.block["error"]
+        assert o.p_correct is None
+    ref = reference_p(parts, [compute_features([0.5, 1.5])])[0]
+    assert out[0].p_correct == pytest.approx(ref) and out[-1].p_correct == pytest.approx(ref)
+    assert out[0].block["n_steps"] == 2
+
+
 def test_session_failure_marks_every_sample(tiny):
     class Broken:
         id, metadata = "sentinel-broken", {"entropy": "full", "k": None}
@@ -101,3 +124,36 @@ def test_default_sentinel_errors_clearly_until_bundled():
     else:
         with pytest.raises(ValueError, match="no default sentinel is bundled"):
             resolve_sentinel_path("default")
+
+
+class _FakeEngine:
+    def __init__(self, answer):
+        self.answer = answer
+
+    def collective_rpc(self, name, args=()):
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return [self.answer]
+
+
+class _Out:
+    def __init__(self, n):
+        self.outputs = [type("Comp", (), {"index": i, "sentinel": None})() for i in range(n)]
+
+
+@pytest.mark.parametrize("answer", [
+    {"id-0": [{"child": "zero", "features": {}}]},   # child not a number
+    {"id-0": "not a list"},                            # samples not a list of dicts
+    {"id-0": [{"child": 0, "n_steps": "2", "features": {"full": [0.0] * 11}}]},
+    RuntimeError("worker gone"),                       # the RPC itself fails
+])
+def test_offline_attach_never_raises(tiny, answer):
+    from sentinel_vllm.serving.api.offline import LLM
+
+    llm = object.__new__(LLM)  # the wrapper without starting vLLM
+    llm.scorer = SentinelScorer.from_path(tiny[0])
+    llm.llm = _FakeEngine(answer)
+    outs = [_Out(2)]
+    llm._attach(outs, ["id-0"], "s")
+    blocks = [c.sentinel for c in outs[0].outputs]
+    assert all("error" in b and b["slice"] == "s" for b in blocks), blocks

@@ -21,7 +21,7 @@ import os
 from typing import Any, Sequence
 
 from sentinel_vllm.serving.api.response import new_sentinel_id
-from sentinel_vllm.serving.api.scoring import SentinelScorer, worker_series
+from sentinel_vllm.serving.api.scoring import SentinelScorer, error_block, worker_series
 from sentinel_vllm.serving.contract import (
     RPC_FETCH,
     SERIES_ENV,
@@ -138,13 +138,19 @@ class LLM:
     def _attach(self, outs, ids: list[str], slices) -> None:
         if isinstance(slices, str) or slices is None:
             slices = [slices or "default"] * len(ids)
-        res = first_answer(self.llm.collective_rpc(RPC_FETCH, args=(ids,))) or {}
-        samples, labels, where = [], [], []
-        for out, sid, label in zip(outs, ids, slices):
-            got = {int(s.get("child", 0)): s for s in res.get(sid) or ()}
-            for comp in out.outputs:
-                samples.append(got.get(comp.index))
-                labels.append(str(label))
-                where.append(comp)
-        for comp, scored in zip(where, self.scorer.score(samples, labels)):
-            comp.sentinel = scored.block
+        try:
+            res = first_answer(self.llm.collective_rpc(RPC_FETCH, args=(ids,))) or {}
+            samples, labels, where = [], [], []
+            for out, sid, label in zip(outs, ids, slices):
+                got = {int(s.get("child", 0)): s for s in res.get(sid) or ()}
+                for comp in out.outputs:
+                    samples.append(got.get(comp.index))
+                    labels.append(str(label))
+                    where.append(comp)
+            for comp, scored in zip(where, self.scorer.score(samples, labels)):
+                comp.sentinel = scored.block
+        except Exception as exc:  # noqa: BLE001 (a sentinel failure never costs a response)
+            for out, label in zip(outs, slices):
+                for comp in out.outputs:
+                    comp.sentinel = error_block(f"sentinel unavailable: {type(exc).__name__}: {exc}",
+                                                "internal", str(label))

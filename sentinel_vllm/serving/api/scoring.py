@@ -164,75 +164,103 @@ class SentinelScorer:
         ----------
         samples : sequence of dict or None
             The worker's per-sample dicts (``{"child", "n_steps", "nan_steps",
-            "truncated", "features": {series: [11 floats]}}``); None for a sample
-            the worker did not return.
+            "truncated", "features": {series: [11 floats]}}``, docs/serving.md); None
+            for a sample the worker did not return.
         slices : sequence of str
             Bounded slice label of each sample.
 
         Returns
         -------
-        list of ScoredSample, same order. Never raises for a bad sample; a
-        failure of the ONNX session marks every sample of the batch.
+        list of ScoredSample, same order. Never raises: a missing, malformed or
+        non-finite sample gets an error block of its own; a failure of the ONNX
+        session marks every sample of the batch.
         """
         out: list[ScoredSample | None] = [None] * len(samples)
-        rows, where = [], []
+        rows, parsed, where = [], [], []
         for i, (s, sl) in enumerate(zip(samples, slices)):
             try:
-                rows.append(self._row(s))
-                where.append(i)
+                sample = self._parse(s)
             except _SampleError as exc:
                 out[i] = ScoredSample(error_block(str(exc), exc.reason, sl), exc.reason)
+                continue
+            rows.append(sample[0])
+            parsed.append(sample)
+            where.append(i)
         if rows:
             X = np.asarray(rows, dtype=np.float64)
             try:
                 p = np.asarray(self.sentinel.p_correct(X), dtype=np.float64).reshape(-1)
                 if p.shape[0] != X.shape[0]:
                     raise ValueError(f"sentinel returned {p.shape[0]} scores for {X.shape[0]} rows")
-            except Exception as exc:  # the response must still be served
+            except Exception as exc:  # noqa: BLE001 (the response must still be served)
                 msg = f"sentinel scoring failed: {type(exc).__name__}: {exc}"
                 for i in where:
                     out[i] = ScoredSample(error_block(msg, "scoring", slices[i]), "scoring")
                 return out  # type: ignore[return-value]
             for j, i in enumerate(where):
-                out[i] = self._block(samples[i], X[j], float(p[j]), slices[i])
+                out[i] = self._block(parsed[j], X[j], float(p[j]), slices[i])
         return out  # type: ignore[return-value]
 
-    def _row(self, s) -> list[float]:
+    def _parse(self, s) -> tuple[list[float], int, int, bool]:
+        """``(row, n_steps, nan_steps, truncated)`` of one worker sample, or a :class:`_SampleError`."""
         if s is None:
             raise _SampleError("sentinel results not available for this request", "fetch_timeout")
-        feats = (s.get("features") or {}).get(self.series)
-        if feats is None:
-            have = sorted((s.get("features") or {}).keys())
-            raise _SampleError(
-                f"worker did not collect series {self.series!r} needed by {self.id} "
-                f"(collected: {have})",
-                "missing_series",
-            )
-        row = [float(v) for v in feats]
+        try:
+            feats = s.get("features")
+            if not isinstance(feats, dict):
+                raise TypeError(f"'features' is {type(feats).__name__}, not an object of series")
+            series = feats.get(self.series)
+            if series is None:
+                raise _SampleError(
+                    f"worker did not collect series {self.series!r} needed by {self.id} "
+                    f"(collected: {sorted(map(str, feats))})",
+                    "missing_series",
+                )
+            row = [_number(v, float) for v in series]
+            n_steps = _number(s.get("n_steps", 0), int)
+            nan_steps = _number(s.get("nan_steps", 0) or 0, int)
+            truncated = s.get("truncated", False)
+            if n_steps < 0 or nan_steps < 0 or not isinstance(truncated, (bool, type(None))):
+                raise ValueError(f"n_steps={n_steps}, nan_steps={nan_steps}, truncated={truncated!r}")
+        except _SampleError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (anything odd in the worker's answer)
+            raise _SampleError(f"malformed sample from the worker: {type(exc).__name__}: {exc}",
+                               "internal") from None
         if len(row) != len(FEATURE_NAMES):
             raise _SampleError(f"expected {len(FEATURE_NAMES)} features, got {len(row)}", "internal")
         if not all(math.isfinite(v) for v in row):
             raise _SampleError("non-finite trajectory statistics", "nonfinite")
-        return row
+        return row, n_steps, nan_steps, bool(truncated)
 
-    def _block(self, s: dict, x: np.ndarray, p: float, slice_label: str) -> ScoredSample:
+    def _block(self, sample: tuple, x: np.ndarray, p: float, slice_label: str) -> ScoredSample:
         if not math.isfinite(p):
             return ScoredSample(error_block("sentinel returned NaN", "scoring", slice_label), "scoring")
+        _, n_steps, nan_steps, truncated = sample
         block = {
             "p_correct": p,
             "features": {name: float(v) for name, v in zip(FEATURE_NAMES, x)},
             "entropy": self.entropy,
             "k": self.k_reported,
-            "n_steps": int(s.get("n_steps", 0)),
+            "n_steps": n_steps,
             "model": self.id,
             "slice": slice_label,
         }
-        if s.get("nan_steps"):
-            block["nan_steps"] = int(s["nan_steps"])
-        if s.get("truncated"):
+        if nan_steps:
+            block["nan_steps"] = nan_steps
+        if truncated:
             block["truncated"] = True
-        mean_h = float(x[FEATURE_NAMES.index("mean")]) if block["n_steps"] > 0 else None
+        mean_h = float(x[FEATURE_NAMES.index("mean")]) if n_steps > 0 else None
         return ScoredSample(block, None, p, mean_h)
+
+
+def _number(v, kind):
+    """``v`` as ``kind`` (int or float); bools, strings and containers are refused."""
+    if isinstance(v, (bool, str, bytes)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"expected a number, got {type(v).__name__} {v!r}"[:120])
+    if kind is int and float(v) != int(v):
+        raise ValueError(f"expected an integer, got {v!r}")
+    return kind(v)
 
 
 class _SampleError(Exception):
