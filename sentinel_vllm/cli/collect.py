@@ -31,6 +31,11 @@ def add_parser(sub):
                    help="append 'Put your final answer within \\boxed{}.' to each question")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.25)
+    p.add_argument("--dtype", default=None,
+                   help="vLLM dtype (auto, float32, bfloat16...); default: float32 on CPUs "
+                        "without native bf16 (no amx_bf16), else auto")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="KV cache size in bytes (on a busy CPU machine, e.g. 400000000)")
     e = p.add_argument_group("OpenAI-compatible endpoint instead of a local vLLM (API-only models)")
     e.add_argument("--endpoint", default=None, metavar="URL",
                    help="server root URL; --model is then the model name sent in each request; "
@@ -78,8 +83,10 @@ def run(args) -> int:
         return _run_endpoint(args, specs)
     ks = [int(k) for k in (args.k or "1,5,10,20,50").split(",") if k]
     model = resolve_model(args.model)
+    extra = ({"kv_cache_memory_bytes": args.kv_cache_memory_bytes}
+             if args.kv_cache_memory_bytes else {})
     llm = build_llm(model, ks=ks, max_model_len=args.max_model_len, seed=args.seed,
-                    gpu_memory_utilization=args.gpu_memory_utilization)
+                    gpu_memory_utilization=args.gpu_memory_utilization, dtype=args.dtype, **extra)
     summary = collect(llm, specs, args.out, n=args.n, seed=args.seed,
                       temperature=args.temperature, max_tokens=args.max_tokens, ks=ks,
                       final_answer_instruction=args.final_answer_instruction,
