@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+from serving_helpers import make_tiny_sentinel, reference_p
 
 from sentinel_vllm.features import FEATURE_NAMES, compute_features
 from sentinel_vllm.serving.api.scoring import SentinelScorer, resolve_sentinel_path
-from serving_helpers import make_tiny_sentinel, reference_p
 
 
 @pytest.fixture(scope="module")

@@ -152,5 +152,5 @@ class LLM:
         except Exception as exc:  # noqa: BLE001 (a sentinel failure never costs a response)
             for out, label in zip(outs, slices):
                 for comp in out.outputs:
-                    comp.sentinel = error_block(f"sentinel unavailable: {type(exc).__name__}: {exc}",
-                                                "internal", str(label))
+                    msg = f"sentinel unavailable: {type(exc).__name__}: {exc}"
+                    comp.sentinel = error_block(msg, "internal", str(label))

@@ -202,7 +202,13 @@ class SentinelScorer:
         return out  # type: ignore[return-value]
 
     def _parse(self, s) -> tuple[list[float], int, int, bool]:
-        """``(row, n_steps, nan_steps, truncated)`` of one worker sample, or a :class:`_SampleError`."""
+        """``(row, n_steps, nan_steps, truncated)`` of one worker sample.
+
+        Raises
+        ------
+        _SampleError
+            With the error block's message and reason.
+        """
         if s is None:
             raise _SampleError("sentinel results not available for this request", "fetch_timeout")
         try:
@@ -221,21 +227,24 @@ class SentinelScorer:
             nan_steps = _number(s.get("nan_steps", 0) or 0, int)
             truncated = s.get("truncated", False)
             if n_steps < 0 or nan_steps < 0 or not isinstance(truncated, (bool, type(None))):
-                raise ValueError(f"n_steps={n_steps}, nan_steps={nan_steps}, truncated={truncated!r}")
+                raise ValueError(
+                    f"n_steps={n_steps}, nan_steps={nan_steps}, truncated={truncated!r}")
         except _SampleError:
             raise
         except Exception as exc:  # noqa: BLE001 (anything odd in the worker's answer)
             raise _SampleError(f"malformed sample from the worker: {type(exc).__name__}: {exc}",
                                "internal") from None
         if len(row) != len(FEATURE_NAMES):
-            raise _SampleError(f"expected {len(FEATURE_NAMES)} features, got {len(row)}", "internal")
+            raise _SampleError(
+                f"expected {len(FEATURE_NAMES)} features, got {len(row)}", "internal")
         if not all(math.isfinite(v) for v in row):
             raise _SampleError("non-finite trajectory statistics", "nonfinite")
         return row, n_steps, nan_steps, bool(truncated)
 
     def _block(self, sample: tuple, x: np.ndarray, p: float, slice_label: str) -> ScoredSample:
         if not math.isfinite(p):
-            return ScoredSample(error_block("sentinel returned NaN", "scoring", slice_label), "scoring")
+            block = error_block("sentinel returned NaN", "scoring", slice_label)
+            return ScoredSample(block, "scoring")
         _, n_steps, nan_steps, truncated = sample
         block = {
             "p_correct": p,
@@ -256,7 +265,7 @@ class SentinelScorer:
 
 def _number(v, kind):
     """``v`` as ``kind`` (int or float); bools, strings and containers are refused."""
-    if isinstance(v, (bool, str, bytes)) or not isinstance(v, (int, float, np.integer, np.floating)):
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
         raise TypeError(f"expected a number, got {type(v).__name__} {v!r}"[:120])
     if kind is int and float(v) != int(v):
         raise ValueError(f"expected an integer, got {v!r}")
