@@ -11,8 +11,9 @@
 * :func:`sweep`: the same for every composition of 1 and 2 slices.
 * :func:`plot_run`: reliability diagram and estimated-versus-true accuracy (PNG).
 
-ECE: 10 equal-width bins of P(correct), ``sum_b (n_b / n) |acc_b - conf_b|``.
-Brier: ``mean((p - y)^2)``.
+ECE: ``sum_b (n_b / n) |acc_b - conf_b|`` on the 10 equal-width bins of
+:func:`sklearn.calibration.calibration_curve` (the reliability curve drawn beside it).
+Brier: ``mean((p - y)^2)`` (:func:`sklearn.metrics.brier_score_loss`).
 """
 
 from __future__ import annotations
@@ -79,14 +80,23 @@ def statistic_auroc(traces: Sequence[Trace], entropy: str = "full", k: int | Non
 
 
 def brier_score(p, y) -> float:
-    """Mean squared difference between P(correct) and the 0/1 label."""
+    """Mean squared difference between P(correct) and the 0/1 label.
+
+    :func:`sklearn.metrics.brier_score_loss`; NaN for empty input.
+    """
+    from sklearn.metrics import brier_score_loss
+
     p = np.asarray(p, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    return float(np.mean((p - y) ** 2)) if p.size else float("nan")
+    return float(brier_score_loss(y, p)) if p.size else float("nan")
 
 
 def expected_calibration_error(p, y, n_bins: int = 10) -> float:
-    """Expected calibration error with ``n_bins`` equal-width bins on [0, 1].
+    """Expected calibration error on the bins of the reliability curve.
+
+    The bins are those of :func:`sklearn.calibration.calibration_curve` with
+    ``strategy="uniform"`` (``n_bins`` equal widths on [0, 1]), the curve
+    :func:`plot_run` draws, so the number in its legend is read off its points.
 
     Parameters
     ----------
@@ -97,19 +107,24 @@ def expected_calibration_error(p, y, n_bins: int = 10) -> float:
     Returns
     -------
     float
-        ``sum_b (n_b / n) |mean(y_b) - mean(p_b)|``; NaN for empty input.
+        ``sum_b (n_b / n) |mean(y_b) - mean(p_b)|`` over the non-empty bins; NaN for
+        empty input.
     """
+    from sklearn.calibration import calibration_curve
+
     p = np.asarray(p, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if p.size == 0:
         return float("nan")
-    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        m = bins == b
-        if m.any():
-            ece += m.mean() * abs(y[m].mean() - p[m].mean())
-    return float(ece)
+    frac, conf = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
+    # calibration_curve reports only the non-empty bins and not their sizes; its bins are
+    # (edge_b, edge_b+1] (the first closed), found by searchsorted on the inner edges.
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    counts = np.bincount(np.searchsorted(edges[1:-1], p), minlength=n_bins)
+    counts = counts[counts > 0]
+    if counts.shape != frac.shape:  # pragma: no cover - a change of sklearn's binning
+        raise RuntimeError("calibration_curve bins do not match the ECE's bin sizes")
+    return float(np.sum(counts / p.size * np.abs(frac - conf)))
 
 
 @dataclass

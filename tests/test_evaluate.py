@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from synthetic import make_traces
 
 from sentinel_vllm.evaluate import (
     brier_score,
@@ -10,7 +11,6 @@ from sentinel_vllm.evaluate import (
     statistic_auroc,
 )
 from sentinel_vllm.traces import Trace, _parse_record
-from synthetic import make_traces
 
 
 def test_ece_and_brier_hand_computed():
@@ -18,6 +18,27 @@ def test_ece_and_brier_hand_computed():
     # bins: [0.0,0.1): |0-0.05| w .25; [0.1,0.2): |1-0.15| w .25; [0.9,1]: |0.5-0.95| w .5
     assert expected_calibration_error(p, y) == pytest.approx(0.25 * 0.05 + 0.25 * 0.85 + 0.5 * 0.45)
     assert brier_score(p, y) == pytest.approx((0.05**2 + 0.85**2 + 0.05**2 + 0.95**2) / 4)
+
+
+def test_ece_uses_the_reliability_curve_bins():
+    """ECE is computed on the bins of sklearn's calibration_curve, the curve plotted beside it."""
+    from sklearn.calibration import calibration_curve
+
+    # 0.1 sits on a bin edge: sklearn puts it in [0, 0.1], a floor(p * 10) binning in [0.1, 0.2)
+    p, y = np.array([0.1, 0.15]), np.array([1, 0])
+    assert expected_calibration_error(p, y) == pytest.approx(0.5 * 0.9 + 0.5 * 0.15)
+    rng = np.random.default_rng(0)
+    p = np.round(rng.uniform(size=500), 1)  # many values on edges
+    y = (rng.uniform(size=500) < p).astype(int)
+    frac, conf = calibration_curve(y, p, n_bins=10, strategy="uniform")
+    edges = np.linspace(0.0, 1.0, 11)  # sklearn's "uniform" bins: (edge_b, edge_b+1], first closed
+    counts = [np.sum((p > lo) & (p <= hi)) if b else np.sum(p <= hi)
+              for b, (lo, hi) in enumerate(zip(edges[:-1], edges[1:]))]
+    counts = np.array([c for c in counts if c])
+    assert len(counts) == len(frac)
+    assert expected_calibration_error(p, y) == pytest.approx(
+        np.sum(counts / len(p) * np.abs(frac - conf)), rel=1e-12)
+    assert np.isnan(expected_calibration_error([], []))
 
 
 def test_statistic_auroc_orientation():
