@@ -13,13 +13,16 @@ Graph (input features: float64 of shape (n, n_features); outputs float64)::
 Why the graph is built by hand and not by skl2onnx: skl2onnx's
 TreeEnsembleClassifier output is float32 (ai.onnx.ml opset <= 3), and a
 steep isotonic segment amplifies that rounding beyond 1e-5; its isotonic
-converter is off by up to 0.05. The isotonic part here reproduces
-scipy.interpolate.interp1d(kind="linear"), which
+converter is off by up to 0.05. skl2onnx stays the reference for the forest:
+``tests/test_onnx_graph.py`` checks this graph's forest against its conversion
+within float32 tolerance. The opsets (IR 10, opset 21, ai.onnx.ml 5) set the
+floors ``onnx>=1.16`` and ``onnxruntime>=1.21`` (first TreeEnsemble(5) kernel).
+The isotonic part here reproduces scipy.interpolate.interp1d(kind="linear"), which
 sklearn.isotonic.IsotonicRegression.predict calls after clipping:
 i = clip(searchsorted(x, v, "left"), 1, m - 1), then
 slope = (y[i] - y[i-1]) / (x[i] - x[i-1]); p = slope * (v - x[i-1]) + y[i-1].
 
-The file format (metadata, loading, scoring) is :mod:.
+The file format (metadata, loading, scoring) is :mod:`sentinel_vllm.sentinel_file`.
 
 References: arXiv 2601.09001, Sec. 3.3 (classifier and calibration).
 """
