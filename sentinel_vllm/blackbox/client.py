@@ -156,12 +156,12 @@ def as_dict(obj) -> Any:
 
 def _step_values(entry) -> list[float] | None:
     """Alternatives of one chat ``logprobs.content`` entry."""
-    if not isinstance(entry, Mapping):
+    if not isinstance(entry, dict):  # JSON objects are dicts (as_dict); no ABC check per token
         return None
     top = entry.get("top_logprobs")
     if top is None:
         return []
-    return [float(a["logprob"]) if isinstance(a, Mapping) else float(a) for a in top]
+    return [a["logprob"] if type(a) is dict else a for a in top]
 
 
 def add_choice(acc: dict[int, ChoiceLogprobs], choice: Mapping, pos: int) -> None:
@@ -171,7 +171,7 @@ def add_choice(acc: dict[int, ChoiceLogprobs], choice: Mapping, pos: int) -> Non
     if choice.get("finish_reason") is not None:
         c.finish_reason = choice["finish_reason"]
     lp = choice.get("logprobs")
-    if not isinstance(lp, Mapping):
+    if not isinstance(lp, dict):
         return
     if isinstance(lp.get("content"), list) or "content" in lp:  # chat
         c.present = True
@@ -186,7 +186,7 @@ def add_choice(acc: dict[int, ChoiceLogprobs], choice: Mapping, pos: int) -> Non
         n = len(lp.get("tokens") or lp.get("token_logprobs") or tops or ())
         for t in range(n):
             step = tops[t] if tops is not None and t < len(tops) else None
-            c.steps.append([float(v) for v in step.values()] if isinstance(step, Mapping) else [])
+            c.steps.append(list(step.values()) if isinstance(step, dict) else [])
 
 
 def extract_choices(response) -> dict[int, ChoiceLogprobs]:
@@ -215,7 +215,7 @@ def extract_choices(response) -> dict[int, ChoiceLogprobs]:
                 b"data:" if isinstance(part, bytes) else "data:").strip() in ("[DONE]", b"[DONE]"):
             continue
         obj = as_dict(part)
-        if not isinstance(obj, Mapping):
+        if not isinstance(obj, dict):
             raise ValueError(f"not an OpenAI response or chunk: {type(obj).__name__}")
         choices = obj.get("choices")
         if choices is None:
@@ -346,7 +346,7 @@ class TopLogprobsScorer:
         """
         try:
             choices = extract_choices(response)
-        except ValueError as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             return {0: self._error(str(exc), "internal", slice_label)}
         return self.score_choices(choices, slice_label)
 
@@ -357,7 +357,7 @@ class TopLogprobsScorer:
             try:
                 trajs[i] = trajectory(c, self.k, short_steps=self.short_steps,
                                       renormalize=self.renormalize)
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:
                 out[i] = self._error(str(exc), _MISSING, slice_label)
         ids = list(trajs)
         samples = []

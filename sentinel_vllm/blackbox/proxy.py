@@ -52,6 +52,17 @@ _HOP = {"host", "content-length", "connection", "keep-alive", "te", "trailers",
         "transfer-encoding", "upgrade", "proxy-connection"}
 _CLIENT_KEYS = ("sentinel_slice", "sentinel")
 
+try:  # 3x faster parsing of bodies with 20 alternatives per token (the proxy's main cost)
+    import orjson
+
+    _loads = orjson.loads
+    _dumps = orjson.dumps
+except ImportError:  # pragma: no cover
+    _loads = json.loads
+
+    def _dumps(obj) -> bytes:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
 
 @dataclass
 class ProxyConfig:
@@ -277,7 +288,7 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
     async def tracked(request):
         raw = await request.body()
         try:
-            body = json.loads(raw)
+            body = _loads(raw)
             if not isinstance(body, dict):
                 raise ValueError
         except ValueError:
@@ -288,7 +299,7 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
         if enabled:
             ask = _Ask(body, request.url.path.endswith("/chat/completions"), want)
         if body is not None:
-            raw = json.dumps(body).encode()
+            raw = _dumps(body)
         try:
             resp = await send(request, raw, enabled)
         except httpx.HTTPError as exc:
@@ -307,7 +318,7 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
         finally:
             await resp.aclose()
         try:
-            obj = json.loads(data)
+            obj = _loads(data)
             if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
                 raise ValueError
         except ValueError:
@@ -318,7 +329,7 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
         for c in obj["choices"]:
             ask.strip(c)
         attach_blocks(obj, {i: s.block for i, s in scored.items()}, ask.n)
-        return Response(json.dumps(obj), status_code=200, headers=headers,
+        return Response(_dumps(obj), status_code=200, headers=headers,
                         media_type="application/json")
 
     async def _raw(resp):
@@ -337,12 +348,15 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
         try:
             async for data in resp.aiter_bytes():
                 buf += data
+                out = []  # the complete events of this read go out in one write, now
                 while True:
                     cut, sep = _event_end(buf)
                     if cut < 0:
                         break
                     event, buf = buf[:cut], buf[cut + sep:]
-                    yield await _rewrite(event, ask, acc, label) + b"\n\n"
+                    out.append(await _rewrite(event, ask, acc, label) + b"\n\n")
+                if out:
+                    yield b"".join(out)
             if buf.strip():
                 yield await _rewrite(buf, ask, acc, label) + b"\n\n"
         except httpx.HTTPError as exc:
@@ -358,7 +372,7 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
         if not payload or payload.strip() == b"[DONE]":
             return event
         try:
-            obj = json.loads(payload)
+            obj = _loads(payload)
         except ValueError:
             return event
         if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
@@ -387,7 +401,7 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
         if not changed:
             return event
         other = [ln for ln in lines if not ln.startswith(b"data:")]
-        return b"\n".join([*other, b"data: " + json.dumps(obj, separators=(",", ":")).encode()])
+        return b"\n".join([*other, b"data: " + _dumps(obj)])
 
     async def metrics_route(request):
         from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
