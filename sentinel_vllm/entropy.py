@@ -1,6 +1,6 @@
 """Per-step entropy of the next-token distribution, in nats.
 
-The one definition of every entropy the project uses (method.md, "Per-step
+The one definition of every entropy the project uses (docs/method.md, "Per-step
 entropy"; Entropy Sentinel, arXiv 2601.09001, Sec. 3.1). The Triton kernel and
 the torch path in :mod:`sentinel_vllm.kernels` are tested against these.
 
@@ -112,7 +112,7 @@ def full_entropy(logits, *, validate: bool = False) -> np.ndarray:
 
     References
     ----------
-    method.md "Per-step entropy"; arXiv 2601.09001 Sec. 3.1.
+    docs/method.md "Per-step entropy"; arXiv 2601.09001 Sec. 3.1.
     """
     logp, bad = _log_softmax(_as_2d(logits), validate)
     h = -_plogp(logp).sum(1)
@@ -159,7 +159,7 @@ def topk_entropy(logits, k: int = 20, *, validate: bool = False) -> np.ndarray:
 
     References
     ----------
-    method.md "Per-step entropy" (top-k, default k = 20); arXiv 2601.09001 Sec. 3.1.
+    docs/method.md "Per-step entropy" (top-k, default k = 20); arXiv 2601.09001 Sec. 3.1.
     """
     part, bad = _topk_logp(logits, k, validate)
     h = np.maximum(-_plogp(part).sum(1), 0.0)

@@ -1,7 +1,7 @@
 """Evaluation protocol and metrics of the paper (arXiv 2601.09001 Sec. 4).
 
 * :func:`statistic_auroc`: AUROC of each single statistic for predicting
-  correctness (method.md "Known failure signatures": below 0.6 the signal is weak).
+  correctness (docs/method.md "Known failure signatures": below 0.6 the signal is weak).
   AUROC is orientation-free here: we report ``max(a, 1 - a)`` together with the
   sign (high entropy usually means wrong).
 * :func:`evaluate_composition`: train on 80% of the traces of a set of slices

@@ -1,7 +1,7 @@
 """The 11 trajectory statistics of a response's per-step entropy.
 
 The one definition used by training, the kernel and torch paths, serving and
-evaluation (method.md, "Trajectory statistics"; arXiv 2601.09001 Sec. 3.2).
+evaluation (docs/method.md, "Trajectory statistics"; arXiv 2601.09001 Sec. 3.2).
 
 Names and order (:data:`FEATURE_NAMES`)::
 

@@ -1,6 +1,6 @@
 """Top-k versus full-vocabulary entropy: the same protocol on each entropy variant.
 
-The paper's open question 3 (arXiv 2601.09001 Sec. 6; method.md "Open questions"):
+The paper's open question 3 (arXiv 2601.09001 Sec. 6; docs/method.md "Open questions"):
 what does the full-vocabulary entropy gain over the top-k approximation that a
 closed API exposes? From the same responses we build the 11 statistics from
 

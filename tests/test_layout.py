@@ -63,7 +63,8 @@ def _import_blocked(modules: list[str], blocked: list[str]) -> subprocess.Comple
         print("ok", len({modules!r}))
         """
     )
-    return subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_module_lists_are_complete():
@@ -87,8 +88,9 @@ def test_serving_sides_do_not_import_each_other(side, other):
 
 
 def test_contract_imports_neither_side():
-    r = _import_blocked(["sentinel_vllm.serving.contract"],
-                        ["sentinel_vllm.serving.worker", "sentinel_vllm.serving.api", "vllm", "torch"])
+    r = _import_blocked(
+        ["sentinel_vllm.serving.contract"],
+        ["sentinel_vllm.serving.worker", "sentinel_vllm.serving.api", "vllm", "torch"])
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -99,5 +101,26 @@ def test_core_imports_neither_vllm_nor_torch():
 
 def test_blocking_finder_does_fail():
     """The check can fail: a module importing a blocked name is caught."""
-    r = _import_blocked(["sentinel_vllm.serving.worker.tracker_setup"], ["sentinel_vllm.serving.worker.tracker"])
+    r = _import_blocked(["sentinel_vllm.serving.worker.tracker_setup"],
+                        ["sentinel_vllm.serving.worker.tracker"])
     assert r.returncode != 0 and "blocked by the layout test" in r.stderr
+
+
+def test_docs_cited_by_docstrings_exist():
+    """Every ``docs/X.md`` a module cites exists, and every cited method.md section is a heading."""
+    import re
+
+    repo = ROOT.parent
+    sources = [*ROOT.rglob("*.py"), *(repo / "kernels").rglob("*.py")]
+    cited, sections = set(), set()
+    for path in sources:
+        text = path.read_text(encoding="utf-8")
+        cited |= set(re.findall(r"docs/([\w-]+\.md)", text))
+        sections |= set(re.findall(r'docs/method\.md,?\s+"([^"]+)"', text.replace("\n", " ")))
+    assert {"method.md", "architecture.md", "serving.md"} <= cited
+    for name in cited:
+        assert (repo / "docs" / name).is_file(), f"docs/{name} is cited but missing"
+    headings = set(re.findall(r"^#+\s+(.+?)\s*$", (repo / "docs" / "method.md").read_text(),
+                              re.MULTILINE))
+    assert sections and sections <= headings, sections - headings
+    assert not [p for p in sources if re.search(r"(?<![/\w])method\.md", p.read_text())]

@@ -2,7 +2,7 @@
 
 Every scored response adds its P(correct) to its slice's sliding window (bounded
 both by count and by age); the slice's estimated accuracy is the window mean
-(method.md "Aggregation"; arXiv 2601.09001 Sec. 3.4), with the 95% interval of
+(docs/method.md "Aggregation"; arXiv 2601.09001 Sec. 3.4), with the 95% interval of
 :func:`sentinel_vllm.aggregate.estimate_accuracy`. A slice whose estimate falls
 more than ``drift_margin`` below its baseline accuracy raises the drift gauge.
 
