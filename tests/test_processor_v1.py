@@ -318,7 +318,8 @@ def test_rows_and_slots_built_on_change_only(monkeypatch):
     assert got["a"][0]["n_steps"] == 3
 
 
-def test_timeout_eviction():
+def _one_parked():
+    """A processor (park timeout 600 s, clock at 0) whose one tracked request has left the batch."""
     now = [0.0]
     proc = SentinelLogitsProcessor(make_config(park_timeout_s=600), torch.device("cpu"), False)
     proc.tracker.clock = lambda: now[0]
@@ -331,6 +332,11 @@ def test_timeout_eviction():
     batch.condense()
     batch.refresh(proc)
     assert proc.tracker.stats()["parked"] == 1
+    return proc, batch, now
+
+
+def test_timeout_eviction():
+    proc, _, now = _one_parked()
     now[0] = 601.0
     assert proc.tracker.evict_expired() == 1
     assert proc.tracker.stats()["parked"] == 0
@@ -393,17 +399,7 @@ def test_a_failing_step_disables_the_processor_and_marks_the_tracker(monkeypatch
 
 
 def test_tracker_evicts_expired_slots_on_its_own():
-    now = [0.0]
-    proc = SentinelLogitsProcessor(make_config(park_timeout_s=600), torch.device("cpu"), False)
-    proc.tracker.clock = lambda: now[0]
-    batch = FakeInputBatch(8)
-    a = Req("a", SamplingParams(extra_args={"sentinel_id": "a"}), 2)
-    batch.add(a)
-    batch.refresh(proc)
-    batch.remove(a)
-    batch.condense()
-    batch.refresh(proc)
-    assert proc.tracker.stats()["parked"] == 1
+    proc, batch, now = _one_parked()
     now[0] = 601.0
     batch.add(Req("b", SamplingParams(extra_args={"sentinel_id": "b"}), 2))
     batch.refresh(proc)  # the next acquire frees the expired slot; no processor call needed
