@@ -5,11 +5,13 @@
 * :class:`~sentinel_vllm.serving.worker.processor_mrv2.SentinelLogitsProcessorMRV2`:
   Model Runner V2 (the GPU default in vLLM >= 0.33, or ``VLLM_USE_V2_MODEL_RUNNER=1``).
 
-Both share :class:`~sentinel_vllm.serving.worker.tracker.SlotTracker` and never change
-the logits. Pass the one matching the runner to vLLM, e.g.
+Both derive from
+:class:`~sentinel_vllm.serving.worker.processor_base.SentinelProcessorBase`, drive a
+:class:`~sentinel_vllm.serving.worker.tracker.SlotTracker` and never change the logits.
+Pass the one matching the runner to vLLM, e.g.
 ``--logits-processors sentinel_vllm.serving.worker.processor:SentinelLogitsProcessor``;
-:func:`sentinel_vllm.serving.contract.processor_fqcn` picks it from a ``VllmConfig``. Classes are imported
-lazily (importing this module does not import vLLM).
+:func:`sentinel_vllm.serving.contract.processor_fqcn` picks it from a ``VllmConfig``.
+Classes are imported lazily (importing this module does not import vLLM).
 """
 
 from __future__ import annotations
