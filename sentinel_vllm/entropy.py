@@ -214,27 +214,37 @@ def entropy_from_top_logprobs(
     ------
     ValueError
         If a logprob is NaN or positive beyond rounding (``> 1e-6``).
+
+    Notes
+    -----
+    Computed on one matrix of shape (n_steps, most candidates), rows padded with
+    ``-inf`` (probability 0, contributes 0): one numpy pass for the whole response.
     """
-    out = []
-    for t, step in enumerate(top_logprobs):
+    rows = []
+    for step in top_logprobs:
         if isinstance(step, Mapping):
-            vals = list(step.values())
+            rows.append(list(step.values()))
+        elif len(step) and isinstance(step[0], Mapping):
+            rows.append([s["logprob"] if isinstance(s, Mapping) else s for s in step])
         else:
-            vals = [s["logprob"] if isinstance(s, Mapping) else s for s in step]
-        lp = np.asarray(vals, dtype=np.float64)
-        if np.isnan(lp).any() or (lp > 1e-6).any():
-            raise ValueError(f"step {t}: logprobs must be <= 0 and not NaN, got {vals[:5]}")
-        lp = np.sort(np.minimum(lp, 0.0))[::-1]
-        if k is not None:
-            lp = lp[: int(k)]
-        if lp.size == 0:
-            out.append(np.nan)
-            continue
-        if renormalize:
-            out.append(float(topk_entropy_renorm(lp[None, :], k=lp.size)[0]))
-        else:
-            out.append(float(max(-_plogp(lp).sum(), 0.0)))
-    return np.asarray(out, dtype=np.float64)
+            rows.append(step)  # numbers
+    counts = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    lp = np.full((len(rows), max(int(counts.max(initial=0)), 1)), -np.inf)
+    for t, r in enumerate(rows):
+        lp[t, : len(r)] = r
+    bad = np.isnan(lp).any(1) | (lp > 1e-6).any(1)
+    if bad.any():
+        t = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"step {t}: logprobs must be <= 0 and not NaN, got {rows[t][:5]}")
+    lp = -np.sort(-np.minimum(lp, 0.0), axis=1)  # descending; the -inf padding goes last
+    if k is not None:
+        lp = lp[:, : int(k)]
+    if renormalize:
+        h = topk_entropy_renorm(lp, k=lp.shape[1])
+    else:
+        h = np.maximum(-_plogp(lp).sum(1), 0.0)
+    h[counts == 0] = np.nan
+    return h
 
 
 # ----------------------------------------------------------------------------- torch
