@@ -8,7 +8,10 @@ corrected by the labelled responses' residuals ``y - lam * P``, with ``lam``
 chosen to minimise the variance. The 95% interval is valid whatever the
 sentinel's bias on this slice (the labels absorb it), and with ``lam`` tuned it
 is about as narrow as the labels-only interval when the sentinel is useless and
-narrower when it is informative.
+narrower when it is informative. The interval inverts PPI++'s variance like
+Wilson's score interval (see :func:`ppi_interval`): ppi-python's Wald form
+under-covers badly on slices with accuracy near 0 at n = 25-100
+(benchmarks/RESULTS.md, audit simulation).
 
 Beside it, per slice: the labels-only estimate with its Wilson interval and the
 unlabelled estimate (mean P with the Poisson-binomial interval of
@@ -85,7 +88,8 @@ def wilson_interval(k: int, n: int, alpha: float = ALPHA) -> tuple[float, float]
     return float(ci.low), float(ci.high)
 
 
-def ppi_interval(y_lab, p_lab, p_unlab, alpha: float = ALPHA) -> tuple[float, float, float, float]:
+def ppi_interval(y_lab, p_lab, p_unlab, alpha: float = ALPHA,
+                 method: str = "score") -> tuple[float, float, float, float]:
     """PPI++ (power-tuned) estimate and interval of a mean of 0/1 labels.
 
     Parameters
@@ -97,6 +101,16 @@ def ppi_interval(y_lab, p_lab, p_unlab, alpha: float = ALPHA) -> tuple[float, fl
     p_unlab : array-like of float, shape (N,)
         The sentinel's P(correct) on the unlabelled responses.
     alpha : float, default 0.05
+    method : {"score", "wald"}
+        ``"wald"``: ``ppi_py.ppi_mean_ci`` as is (estimate +- z * se). ``"score"``
+        (default): the same estimate and variance decomposition, inverted like
+        Wilson's score interval: the set of ``theta`` with
+        ``(est - theta)^2 <= z^2 (r * theta (1 - theta) / n + lam^2 var(P_unlab) / N)``,
+        where ``r = var(y - lam P_lab) / var(y)`` is the variance reduction the
+        sentinel buys (``r = 1`` when the labels are all equal). With ``lam = 0`` it is
+        exactly the Wilson interval; for large n it equals the Wald form. It keeps
+        its coverage on rare outcomes (accuracy near 0 or 1) where the Wald form,
+        whose variance is estimated from a handful of positives, does not.
 
     Returns
     -------
@@ -106,7 +120,8 @@ def ppi_interval(y_lab, p_lab, p_unlab, alpha: float = ALPHA) -> tuple[float, fl
     Raises
     ------
     ValueError
-        Fewer than :data:`MIN_LABELS` labels, no unlabelled responses, or lengths that differ.
+        Fewer than :data:`MIN_LABELS` labels, no unlabelled responses, lengths that
+        differ, or an unknown method.
     """
     from ppi_py import ppi_mean_ci, ppi_mean_pointestimate
 
@@ -119,12 +134,28 @@ def ppi_interval(y_lab, p_lab, p_unlab, alpha: float = ALPHA) -> tuple[float, fl
         raise ValueError(f"PPI needs at least {MIN_LABELS} labels; got {y.size}")
     if pu.size == 0:
         raise ValueError("PPI needs unlabelled responses besides the labelled ones")
+    if method not in ("score", "wald"):
+        raise ValueError(f"unknown interval method {method!r}; use 'score' or 'wald'")
     lam = _tuned_lam(y, pl, pu)
     est = float(np.atleast_1d(ppi_mean_pointestimate(y, pl, pu, lam=lam))[0])
-    lo, hi = ppi_mean_ci(y, pl, pu, alpha=alpha, lam=lam)
-    lo, hi = float(np.atleast_1d(lo)[0]), float(np.atleast_1d(hi)[0])
     clip = lambda v: min(1.0, max(0.0, v))  # noqa: E731
-    return clip(est), clip(lo), clip(hi), lam
+    if method == "wald":
+        lo, hi = ppi_mean_ci(y, pl, pu, alpha=alpha, lam=lam)
+        return clip(est), clip(float(np.atleast_1d(lo)[0])), clip(float(np.atleast_1d(hi)[0])), lam
+    from scipy.stats import norm
+
+    z = float(norm.ppf(1 - alpha / 2))
+    n, N = y.size, pu.size
+    var_y = float(np.var(y))
+    r = float(np.var(y - lam * pl)) / var_y if var_y > 0 else 1.0
+    a = r / n
+    c = lam**2 * float(np.var(pu)) / N
+    t = clip(est)
+    # (t - theta)^2 <= z^2 (a theta (1 - theta) + c): a quadratic in theta
+    qa, qb, qc = 1 + z**2 * a, -(2 * t + z**2 * a), t**2 - z**2 * c
+    disc = max(qb * qb - 4 * qa * qc, 0.0)
+    lo, hi = (-qb - math.sqrt(disc)) / (2 * qa), (-qb + math.sqrt(disc)) / (2 * qa)
+    return t, clip(lo), clip(hi), lam
 
 
 def _tuned_lam(y, pl, pu) -> float:

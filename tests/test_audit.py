@@ -35,11 +35,25 @@ def test_ppi_hand_computed():
     lam = min(1.0, max(0.0, cov / ((1 + n / N) * np.var(np.concatenate([pl, pu]), ddof=1))))
     est = lam * pu.mean() + np.mean(y - lam * pl)
     se = math.sqrt(np.var(lam * pu) / N + np.var(y - lam * pl) / n)
-    got = ppi_interval(y, pl, pu)
+    got = ppi_interval(y, pl, pu, method="wald")
     assert got[3] == pytest.approx(lam, rel=1e-9)
     assert got[0] == pytest.approx(est, rel=1e-9)
     assert got[1] == pytest.approx(max(0.0, est - Z * se), rel=1e-6)
     assert got[2] == pytest.approx(min(1.0, est + Z * se), rel=1e-6)
+    # score form: the thetas with (est - theta)^2 <= Z^2 (r theta (1 - theta) / n + lam^2 var(pu) / N)
+    r = np.var(y - lam * pl) / np.var(y)
+    thetas = np.linspace(0, 1, 200001)
+    inside = thetas[(est - thetas) ** 2 <= Z**2 * (r * thetas * (1 - thetas) / n
+                                                 + lam**2 * np.var(pu) / N)]
+    sc = ppi_interval(y, pl, pu)
+    assert sc[0] == pytest.approx(est, rel=1e-9)
+    assert sc[1] == pytest.approx(inside.min(), abs=1e-5) and sc[2] == pytest.approx(inside.max(), abs=1e-5)
+    # labels all equal: lam = 0 and the score form is exactly Wilson's interval
+    zero = ppi_interval(np.zeros(5), np.array([0.1, 0.2, 0.1, 0.1, 0.3]), pu)
+    assert zero[3] == 0.0 and zero[0] == 0.0
+    assert zero[1:3] == pytest.approx(wilson_interval(0, 5), abs=1e-12)
+    with pytest.raises(ValueError, match="method"):
+        ppi_interval(y, pl, pu, method="exact")
     with pytest.raises(ValueError, match="at least 2"):
         ppi_interval(y[:1], pl[:1], pu)
     with pytest.raises(ValueError, match="unlabelled"):

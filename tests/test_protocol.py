@@ -207,3 +207,24 @@ def test_evaluate_protocol_lobo_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(f), "--protocol", "lobo", "--train", "easy", "--out-dir", str(out)]) == 1
     assert "drop --train" in capsys.readouterr().err
+
+
+def test_train_records_composition_and_temperatures(tmp_path):
+    from sentinel_vllm.cli import main
+    from sentinel_vllm.sentinel_file import load_sentinel
+    from sentinel_vllm.traces import write_traces
+    from synthetic import make_traces
+
+    two = {"easy": (8.0, 2.0), "hard": (2.0, 7.0)}
+    recs = ([{**r, "temperature": 0.0} for r in make_traces(30, seed=1, slices=two, with_topk=False)]
+            + [{**r, "id": r["id"] + "b", "temperature": 1.0}
+               for r in make_traces(30, seed=2, slices=two, with_topk=False)])
+    f = tmp_path / "t.jsonl"
+    write_traces(f, recs)
+    out = tmp_path / "s.onnx"
+    assert main(["train", str(f), "--temperatures", "0", "--out", str(out)]) == 0
+    comp = load_sentinel(str(out)).metadata["training_composition"]
+    assert comp["temperatures"] == ["0"]
+    for s in ("easy", "hard"):
+        want = sum(r["correct"] for r in recs if r["slice"] == s and r["temperature"] == 0.0)
+        assert comp["slices"][s] == {"0": {"n": 30, "n_correct": want}}

@@ -16,11 +16,29 @@ def add_parser(sub):
     p.add_argument("--out", required=True, help="output .onnx file")
     p.add_argument("--no-calibration", action="store_true", help="skip isotonic calibration")
     p.add_argument("--no-balance", action="store_true", help="class_weight=None instead of balanced_subsample")
+    p.add_argument("--temperatures", default=None,
+                   help="train only on traces sampled at these temperatures (comma list; "
+                        "default: all); the temperatures used are recorded in the metadata")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trained-for", default=None, metavar="MODEL",
                    help="the model the traces come from (stored in the sentinel's metadata); "
                         "default: the traces' generation.model")
     return p
+
+
+def _composition(traces) -> dict:
+    """Per training slice and temperature: responses and accuracy (for the metadata)."""
+    from sentinel_vllm.protocol import trace_temperature
+
+    out: dict = {}
+    for t in traces:
+        temp = trace_temperature(t)
+        key = "unknown" if temp is None else f"{temp:g}"
+        cell = out.setdefault(t.slice, {}).setdefault(key, {"n": 0, "n_correct": 0})
+        cell["n"] += 1
+        cell["n_correct"] += int(bool(t.correct))
+    return {"temperatures": sorted({k for v in out.values() for k in v}),
+            "slices": {s: dict(sorted(v.items())) for s, v in sorted(out.items())}}
 
 
 def run(args) -> int:
@@ -38,6 +56,11 @@ def run(args) -> int:
         if missing:
             raise ValueError(f"slices not in the traces: {missing}; have {sorted(have)}")
         traces = [t for t in traces if t.slice in set(wanted)]
+    if args.temperatures:
+        from sentinel_vllm.protocol import trace_temperature
+
+        want = {float(v) for v in args.temperatures.split(",") if v}
+        traces = [t for t in traces if trace_temperature(t) in want]
     if not traces:
         raise ValueError("no labelled traces to train on")
     X = feature_matrix(traces, args.entropy, args.k)
@@ -57,7 +80,8 @@ def run(args) -> int:
     trained_for = args.trained_for or next(
         (t.extra.get("generation", {}).get("model") for t in traces
          if isinstance(t.extra.get("generation"), dict)), None)
-    extra = {"trained_for_model": trained_for} if trained_for else None
+    extra = {"trained_for_model": trained_for} if trained_for else {}
+    extra["training_composition"] = _composition(traces)
     sid = clf.export_onnx(args.out, entropy=name, k=k, training_slices=slices, extra_metadata=extra)
     print(f"trained on {len(y)} traces ({y.mean():.3f} correct) from {slices}; "
           f"wrote {args.out} ({sid})", file=sys.stderr)

@@ -1,0 +1,132 @@
+"""Audit simulation: PPI++ versus labels alone versus the unlabelled estimate, on real traces.
+
+For every benchmark ``b`` of the traces, a sentinel is trained WITHOUT ``b``
+(leave-one-benchmark-out, so its bias on ``b`` is the realistic one) and scores
+all of ``b``'s responses. Then, for each audit size n and many random draws, n
+responses are labelled (drawn with replacement: iid from ``b``'s empirical
+distribution) and the slice accuracy (``b``'s accuracy over all its responses)
+is estimated three ways:
+
+* PPI++ (``sentinel_vllm.audit.ppi_interval``; unlabelled = all of ``b``'s responses), with
+  the score-inverted interval the ``audit`` command uses and with ppi-python's Wald form,
+* labels only, with the Wilson interval,
+* the unlabelled estimate (mean P(correct); no interval that covers the bias).
+
+Printed per n (pooled over benchmarks and draws): mean absolute error, mean
+interval width and coverage of the 95% intervals, and the lowest per-benchmark
+coverage.
+
+Usage::
+
+    python benchmarks/audit_sim.py data/traces/qwen2.5-coder-0.5b.jsonl.gz --draws 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+
+def lobo_scores(traces, composition: str, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Benchmark -> (P(correct) from a sentinel trained without it, labels)."""
+    from sentinel_vllm.classifier import SentinelClassifier
+    from sentinel_vllm.protocol import extremes_pair
+    from sentinel_vllm.traces import feature_matrix
+
+    lab = [t for t in traces if t.correct is not None]
+    X = feature_matrix(lab, "full")
+    y = np.array([t.correct for t in lab], dtype=int)
+    bench = np.array([t.slice for t in lab])
+    out = {}
+    for b in sorted(set(bench.tolist())):
+        others = bench != b
+        if composition == "extremes":
+            acc = {s: y[bench == s].mean() for s in set(bench[others].tolist())}
+            others &= np.isin(bench, extremes_pair(acc))
+        clf = SentinelClassifier(random_state=seed).fit(X[others], y[others])
+        out[b] = (clf.predict_proba(X[bench == b])[:, 1], y[bench == b])
+    return out
+
+
+def simulate(scores, ns, draws: int, seed: int) -> list[dict]:
+    """One row per (benchmark, n) with errors, widths and coverage of the three estimates."""
+    from sentinel_vllm.audit import ppi_interval, wilson_interval
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for b, (p, y) in scores.items():
+        true = y.mean()
+        for n in ns:
+            r = {"benchmark": b, "n": n, "true": true, "ppi_err": [], "ppi_w": [], "ppi_cov": [],
+                 "wald_w": [], "wald_cov": [],
+                 "lab_err": [], "lab_w": [], "lab_cov": [], "unl_err": abs(p.mean() - true)}
+            for _ in range(draws):
+                idx = rng.integers(0, len(y), n)
+                est, lo, hi, _ = ppi_interval(y[idx], p[idx], p)
+                r["ppi_err"].append(abs(est - true))
+                r["ppi_w"].append(hi - lo)
+                r["ppi_cov"].append(lo <= true <= hi)
+                _, wlo_, whi_, _ = ppi_interval(y[idx], p[idx], p, method="wald")
+                r["wald_w"].append(whi_ - wlo_)
+                r["wald_cov"].append(wlo_ <= true <= whi_)
+                k = int(y[idx].sum())
+                wlo, whi = wilson_interval(k, n)
+                r["lab_err"].append(abs(k / n - true))
+                r["lab_w"].append(whi - wlo)
+                r["lab_cov"].append(wlo <= true <= whi)
+            rows.append({key: (float(np.mean(v)) if isinstance(v, list) else v) for key, v in r.items()})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("traces", nargs="+")
+    ap.add_argument("--n", default="25,50,100,200")
+    ap.add_argument("--draws", type=int, default=1000)
+    ap.add_argument("--composition", default="extremes", choices=("all", "extremes"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default=None, help=".npz to keep the sentinels' scores in (reused when present)")
+    args = ap.parse_args(argv)
+    from sentinel_vllm.traces import read_traces
+
+    t0 = time.time()
+    traces = read_traces(args.traces)
+    import os
+
+    if args.cache and os.path.exists(args.cache):
+        z = np.load(args.cache)
+        scores = {k[2:]: (z[k], z["y_" + k[2:]]) for k in z.files if k.startswith("p_")}
+    else:
+        scores = lobo_scores(traces, args.composition, args.seed)
+        if args.cache:
+            np.savez(args.cache, **{f"p_{b}": v[0] for b, v in scores.items()},
+                     **{f"y_{b}": v[1] for b, v in scores.items()})
+    ns = [int(v) for v in args.n.split(",")]
+    rows = simulate(scores, ns, args.draws, args.seed)
+    print(f"# audit_sim  {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC  traces={','.join(args.traces)}  "
+          f"sentinel: leave-one-benchmark-out ({args.composition})  draws={args.draws} per benchmark and n  "
+          f"benchmarks={len(scores)}  ({time.time() - t0:.0f} s)")
+    print("| n | PPI++ abs err | PPI++ width | PPI++ coverage (min over benchmarks) "
+          "| PPI++ Wald width | PPI++ Wald coverage (min) | labels-only abs err "
+          "| Wilson width | Wilson coverage (min) | unlabelled abs err | width PPI++/Wilson |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for n in ns:
+        rs = [r for r in rows if r["n"] == n]
+        m = lambda key: float(np.mean([r[key] for r in rs]))  # noqa: E731
+        lo = lambda key: float(np.min([r[key] for r in rs]))  # noqa: E731
+        print(f"| {n} | {m('ppi_err'):.3f} | {m('ppi_w'):.3f} | {m('ppi_cov'):.3f} ({lo('ppi_cov'):.3f}) "
+              f"| {m('wald_w'):.3f} | {m('wald_cov'):.3f} ({lo('wald_cov'):.3f}) "
+              f"| {m('lab_err'):.3f} | {m('lab_w'):.3f} | {m('lab_cov'):.3f} ({lo('lab_cov'):.3f}) "
+              f"| {m('unl_err'):.3f} | {m('ppi_w') / m('lab_w'):.2f} |")
+    print("\nper benchmark (PPI++ coverage at each n):")
+    for b in scores:
+        cov = " ".join(f"n={r['n']}:{r['ppi_cov']:.3f}" for r in rows if r["benchmark"] == b)
+        print(f"  {b:12s} true={scores[b][1].mean():.3f} unlabelled={scores[b][0].mean():.3f}  {cov}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
