@@ -239,6 +239,7 @@ def test_aborted_stream_discards_state(env):
     sid = engine.seen_xargs[0]["sentinel_id"]
     assert ("sentinel_discard", ([sid],)) in engine.calls
     assert engine.parked == {}
+    assert run(client.get("/sentinel/stats")).json()["api"] == {"discarded": 1}
 
 
 def test_opt_out_errors_and_passthrough(env):
@@ -248,9 +249,10 @@ def test_opt_out_errors_and_passthrough(env):
     assert "sentinel" not in r.json() and engine.seen_xargs[-1] == {}
     r = run(client.post("/v1/chat/completions", json={"messages": [], "status": 400}))
     assert r.status_code == 400 and r.json() == {"error": "bad"}
-    r = run(client.post("/v1/completions", json={"prompt": ["a", "b"]}))
+    r = run(client.post("/v1/completions", json={"prompt": ["a", "b"], "n": 2}))
     assert "sentinel_id" not in (engine.seen_xargs[-1] or {})
-    assert "one prompt" in r.json()["sentinel"]["error"]
+    assert len(r.json()["choices"]) == 2  # the fake answers n choices (vLLM: 2 prompts x n = 4)
+    assert all("one prompt" in c["sentinel"]["error"] for c in r.json()["choices"])
     r = run(client.post("/v1/chat/completions", content=b"{not json",
                         headers={"content-type": "application/json"}))
     assert r.status_code == 400 and r.json() == {"error": "invalid JSON"}  # the app's own error
@@ -259,7 +261,8 @@ def test_opt_out_errors_and_passthrough(env):
 def test_stats_route(env):
     engine, reg, client, parts = env
     r = run(client.get("/sentinel/stats"))
-    assert r.json() == {"sentinel": parts[0], "worker": {"active": 0, "parked": 0}}
+    assert r.json() == {"sentinel": parts[0], "worker": {"active": 0, "parked": 0},
+                        "api": {"discarded": 0}}
 
 
 def test_bad_sentinel_file_fails_at_build(tmp_path):

@@ -202,6 +202,8 @@ class SentinelMiddleware:
         self.metrics_factory = metrics_factory
         self._state: _State | None = None
         self._verify = None  # (app, vLLM's verify_token or None)
+        #: Requests that ended before their response did (client gone): state discarded.
+        self.discarded = 0
         try:  # n > 1: give each child its choice index (see serving/api/child_index.py)
             from sentinel_vllm.serving.api.child_index import install_child_index_patch
 
@@ -252,7 +254,8 @@ class SentinelMiddleware:
     async def _stats(self, scope, send) -> None:
         try:
             stats = first_answer(await self.state(scope).rpc(RPC_STATS, ())) or {}
-            status, body = 200, {"sentinel": self.scorer.id, "worker": stats}
+            status, body = 200, {"sentinel": self.scorer.id, "worker": stats,
+                                 "api": {"discarded": self.discarded}}
         except Exception as exc:  # noqa: BLE001
             status, body = 503, {"error": f"{type(exc).__name__}: {exc}"}
         await _send_json(send, status, body)
@@ -293,7 +296,9 @@ class SentinelMiddleware:
         scope = _with_length(scope, len(new_raw))
         if not opts.enabled:
             return await self.app(scope, _replay(new_raw, receive), send)
-        if multi_prompt:
+        n_choices = opts.n
+        if multi_prompt:  # every choice of every prompt gets the error block
+            n_choices = opts.n * _n_prompts(obj.get("prompt"))
             blocks_fn = _const_error("the sentinel scores one prompt per /v1/completions request")
         else:
             async def blocks_fn(n):  # called only once vLLM answered 200 and finished
@@ -305,7 +310,7 @@ class SentinelMiddleware:
                     return {i: error_block(f"sentinel unavailable: {exc}", "internal")
                             for i in range(n)}
                 return await st.fetcher.blocks(opts.sentinel_id, n, label, fault=fault)
-        rw = ResponseRewriter(send, blocks_fn, opts.n)
+        rw = ResponseRewriter(send, blocks_fn, n_choices)
         try:
             await self.app(scope, _replay(new_raw, receive), rw.send)
         finally:
@@ -318,6 +323,7 @@ class SentinelMiddleware:
                 except Exception:  # noqa: BLE001 (no engine client: nothing to free)
                     log.exception("sentinel state")
                 else:
+                    self.discarded += 1
                     asyncio.ensure_future(fetcher.discard([opts.sentinel_id]))
 
 
