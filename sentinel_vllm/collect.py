@@ -130,19 +130,16 @@ def build_llm(model: str, *, ks: Sequence[int] = DEFAULT_KS, max_model_len: int 
         dtype = default_dtype(current_platform.is_cpu())
 
     from sentinel_vllm.serving.api.child_index import install_child_index_patch
-    from sentinel_vllm.serving.contract import WORKER_EXTENSION, processor_fqcn
+    from sentinel_vllm.serving.contract import vllm_launch_kwargs
 
     install_child_index_patch()
     kw = {"gpu_memory_utilization": 0.25, "dtype": dtype, **vllm_kwargs}
-    return LLM(
-        model=model,
-        max_model_len=max_model_len,
-        seed=seed,
-        logits_processors=[processor_fqcn(use_v2=False)],
-        worker_extension_cls=WORKER_EXTENSION,
-        additional_config={"sentinel": {"series": ",".join(_series_names(ks))}},
-        **kw,
-    )
+    # the same engine settings as serve and sentinel_vllm.LLM (processor for either runner)
+    launch = vllm_launch_kwargs(
+        series=_series_names(ks), logits_processors=kw.pop("logits_processors", None),
+        additional_config=kw.pop("additional_config", None),
+        worker_extension_cls=kw.pop("worker_extension_cls", None), environ={})
+    return LLM(model=model, max_model_len=max_model_len, seed=seed, **launch, **kw)
 
 
 def collect(

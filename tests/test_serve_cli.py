@@ -61,10 +61,9 @@ def test_passes_vllm_args_through_and_adds_ours(tmp_path, monkeypatch):
     from sentinel_vllm.serving.api.middleware import ServerConfig
     from sentinel_vllm.serving.contract import CONFIG_ENV
 
-    # serve writes these into os.environ; setenv first so monkeypatch restores them
+    # serve writes CONFIG_ENV into os.environ; setenv first so monkeypatch restores it
     monkeypatch.setenv("SENTINEL_SERIES", "")
     monkeypatch.setenv(CONFIG_ENV, "")
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
     monkeypatch.setattr(serve, "run_vllm_serve", lambda args: seen.setdefault("args", args) and 0)
     rc = main(["serve", "my/model", "--max-model-len", "1024", "--sentinel", str(s),
                "--sentinel-slices", "gsm8k, math", "--port", "8123", "--gpu-memory-utilization",
@@ -72,22 +71,63 @@ def test_passes_vllm_args_through_and_adds_ours(tmp_path, monkeypatch):
     assert rc == 0
     assert seen["args"] == [
         "my/model", "--max-model-len", "1024", "--port", "8123", "--gpu-memory-utilization", "0.25",
-        "--logits-processors", "sentinel_vllm.serving.worker.processor:SentinelLogitsProcessor",
+        "--logits-processors", "sentinel_vllm.serving.worker.processor_any:SentinelLogitsProcessorAny",
         "--worker-extension-cls", "sentinel_vllm.serving.worker.extension.SentinelWorkerExtension",
+        # the worker records the sentinel's series (top5) besides the defaults
+        "--additional-config", '{"sentinel":{"series":"full,top20,top5"}}',
         "--middleware", "sentinel_vllm.serving.api.middleware.SentinelMiddleware"]
-    import os
-
     cfg = ServerConfig.from_env()
     assert cfg.sentinel == str(s.resolve()) and cfg.slices == ["gsm8k", "math"]
     assert cfg.replica == "r7" and not cfg.fault_injection
-    assert os.environ["SENTINEL_SERIES"] == "full,top20,top5"  # the worker records the sentinel's series
 
 
-def test_user_logits_processors_are_kept():
-    args = serve.vllm_argv("m", ["--logits-processors", "a:B", "--port", "1"])
-    assert args[:4] == ["m", "--logits-processors",
-                        "sentinel_vllm.serving.worker.processor:SentinelLogitsProcessor", "a:B"]
-    assert args.count("--logits-processors") == 1
+@pytest.mark.parametrize("runner_env", [None, "0", "1"])
+def test_processor_does_not_depend_on_the_runner_env(runner_env, monkeypatch):
+    """The same class path whatever VLLM_USE_V2_MODEL_RUNNER says: vLLM decides in the engine."""
+    if runner_env is None:
+        monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", runner_env)
+    args = serve.vllm_argv("m", [], ["top20"])
+    assert args[args.index("--logits-processors") + 1] == \
+        "sentinel_vllm.serving.worker.processor_any:SentinelLogitsProcessorAny"
+
+
+def test_user_logits_processors_and_additional_config_are_kept(monkeypatch):
+    monkeypatch.delenv("SENTINEL_SERIES", raising=False)
+    args = serve.vllm_argv("m", ["--logits-processors", "a:B", "c:D", "--port", "1",
+                                 "--additional-config", '{"kv": 1, "sentinel": {"max_steps": 64}}'],
+                           ["top5"])
+    assert args[:3] == ["m", "--port", "1"]
+    i = args.index("--logits-processors")
+    assert args[i + 1:i + 4] == [
+        "sentinel_vllm.serving.worker.processor_any:SentinelLogitsProcessorAny", "a:B", "c:D"]
+    assert args.count("--logits-processors") == 1 and args.count("--additional-config") == 1
+    import json
+
+    extra = json.loads(args[args.index("--additional-config") + 1])
+    assert extra == {"kv": 1, "sentinel": {"max_steps": 64, "series": "full,top20,top5"}}
+
+
+def test_series_override_from_additional_config_or_env(monkeypatch):
+    import json
+
+    monkeypatch.setenv("SENTINEL_SERIES", "full,top5,top7")
+    args = serve.vllm_argv("m", [], ["top5"])
+    assert json.loads(args[args.index("--additional-config") + 1]) == \
+        {"sentinel": {"series": "full,top5,top7"}}
+    # additional_config wins over the environment variable
+    args = serve.vllm_argv("m", ['--additional-config={"sentinel": {"series": ["top5"]}}'], ["top5"])
+    assert json.loads(args[args.index("--additional-config") + 1]) == {"sentinel": {"series": "top5"}}
+    with pytest.raises(ValueError, match="does not record top20"):
+        serve.vllm_argv("m", [], ["top20"])  # $SENTINEL_SERIES lacks the sentinel's series
+    with pytest.raises(ValueError, match="worker extension"):
+        serve.vllm_argv("m", ["--worker-extension-cls", "x.Y"], ["top5"])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        serve.vllm_argv("m", ["--additional-config", "{oops"], ["top5"])
+    monkeypatch.setenv("SENTINEL_SERIES", "full,top5,topp")
+    with pytest.raises(ValueError, match="unknown entropy series 'topp'"):
+        serve.vllm_argv("m", [], ["top5"])
 
 
 def test_worker_series_mismatch_is_an_error(tmp_path):

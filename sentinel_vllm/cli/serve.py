@@ -5,9 +5,12 @@ exits with status 2 and a clear message, before vLLM loads anything), then runs
 vLLM's OpenAI-compatible server in this process, exactly as ``vllm serve`` does,
 with three options added:
 
-* ``--logits-processors sentinel_vllm.serving.worker.processor:SentinelLogitsProcessor``
-  (the MRV2 class when ``VLLM_USE_V2_MODEL_RUNNER=1``);
+* ``--logits-processors sentinel_vllm.serving.worker.processor_any:SentinelLogitsProcessorAny``,
+  which both model runners accept (vLLM picks the runner inside the engine; the
+  class becomes that runner's implementation when the runner builds it);
 * ``--worker-extension-cls sentinel_vllm.serving.worker.extension.SentinelWorkerExtension``;
+* ``--additional-config '{"sentinel": {"series": "full,top20"}}'`` merged into the
+  user's (the entropy series the worker records);
 * ``--middleware sentinel_vllm.serving.api.middleware.SentinelMiddleware`` (the response
   layer; its settings travel in ``$SENTINEL_VLLM_CONFIG``).
 
@@ -20,14 +23,7 @@ import argparse
 import os
 import sys
 
-from sentinel_vllm.serving.api.scoring import worker_series
-from sentinel_vllm.serving.contract import (
-    CONFIG_ENV,
-    MIDDLEWARE,
-    SERIES_ENV,
-    WORKER_EXTENSION,
-    processor_fqcn,
-)
+from sentinel_vllm.serving.contract import CONFIG_ENV, MIDDLEWARE, vllm_launch_kwargs
 
 EXAMPLES = """examples:
   sentinel-vllm serve ~/.cache/sentinel-vllm/models/smollm2-135m-instruct \\
@@ -95,8 +91,8 @@ def build_config(ns):
         An unusable sentinel file, baseline file or option value.
     """
     from sentinel_vllm.serving.api.metrics import load_baseline
-    from sentinel_vllm.serving.api.scoring import SentinelScorer, resolve_sentinel_path
     from sentinel_vllm.serving.api.middleware import ServerConfig
+    from sentinel_vllm.serving.api.scoring import SentinelScorer, resolve_sentinel_path
 
     path = resolve_sentinel_path(ns.sentinel)
     scorer = SentinelScorer.from_path(ns.sentinel)  # ONNX only; warns when it is the default
@@ -120,29 +116,65 @@ def build_config(ns):
     return cfg, scorer
 
 
-def vllm_argv(model: str, rest: list[str]) -> list[str]:
-    """The ``vllm serve`` arguments: the user's, plus the processor, extension and middleware.
+#: vLLM options ``serve`` merges with its own (the user's values are kept).
+_MERGED = ("--logits-processors", "--additional-config", "--worker-extension-cls")
+
+
+def _take_options(rest: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Split the user's vLLM arguments into the merged options' values and the rest."""
+    keep: list[str] = []
+    taken: dict[str, list[str]] = {}
+    i = 0
+    while i < len(rest):
+        a = rest[i]
+        name, eq, val = a.partition("=")
+        if name in _MERGED:
+            vals = taken.setdefault(name, [])
+            if eq:
+                vals.append(val)
+            else:  # --logits-processors takes several values, the others one
+                i += 1
+                while i < len(rest) and not rest[i].startswith("--"):
+                    vals.append(rest[i])
+                    i += 1
+                    if name != "--logits-processors":
+                        break
+                continue
+        else:
+            keep.append(a)
+        i += 1
+    return keep, taken
+
+
+def vllm_argv(model: str, rest: list[str], needed_series=()) -> list[str]:
+    """The ``vllm serve`` arguments: the user's, merged with the sentinel's engine settings.
+
+    The processor, worker extension and ``--additional-config '{"sentinel": {"series":
+    ...}}'`` come from :func:`~sentinel_vllm.serving.contract.vllm_launch_kwargs` (the
+    same settings ``sentinel_vllm.LLM`` and ``collect`` use); the user's own
+    ``--logits-processors`` and ``--additional-config`` keys are kept. The series the
+    worker records: the user's ``additional_config["sentinel"]["series"]``, else
+    ``$SENTINEL_SERIES``, else ``full,top20`` plus ``needed_series``.
 
     Raises
     ------
     ValueError
-        The user passed ``--worker-extension-cls`` (vLLM takes only one).
+        Another ``--worker-extension-cls`` (vLLM takes only one), a bad
+        ``--additional-config``, or user series without a needed one.
     """
+    import json
 
-    if any(a == "--worker-extension-cls" or a.startswith("--worker-extension-cls=") for a in rest):
-        raise ValueError("--worker-extension-cls is set by sentinel-vllm serve "
-                         f"({WORKER_EXTENSION}); it cannot be combined with another")
-    use_v2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("", "0")
-    proc = processor_fqcn(use_v2=use_v2)
-    out = [model]
-    for i, a in enumerate(rest):
-        out.append(a)
-        if a == "--logits-processors":  # the user's own processors stay, ours joins them
-            out.append(proc)
-            proc = None
-    if proc is not None:
-        out += ["--logits-processors", proc]
-    return out + ["--worker-extension-cls", WORKER_EXTENSION, "--middleware", MIDDLEWARE]
+    keep, taken = _take_options(rest)
+    extra = taken.get("--additional-config") or [None]
+    if len(extra) > 1:
+        raise ValueError("--additional-config given more than once")
+    ext = taken.get("--worker-extension-cls") or [None]
+    kw = vllm_launch_kwargs(needed_series, logits_processors=taken.get("--logits-processors"),
+                            additional_config=extra[0], worker_extension_cls=ext[-1])
+    return [model, *keep, "--logits-processors", *kw["logits_processors"],
+            "--worker-extension-cls", kw["worker_extension_cls"],
+            "--additional-config", json.dumps(kw["additional_config"], separators=(",", ":")),
+            "--middleware", MIDDLEWARE]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,13 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         from sentinel_vllm.model_assets import resolve_model
 
         # short names (smollm2-135m, qwen2.5-coder-0.5b) become their prepared folder
-        args = vllm_argv(resolve_model(ns.model), rest)
-        series = worker_series(scorer, os.environ.get(SERIES_ENV))
+        args = vllm_argv(resolve_model(ns.model), rest, [scorer.series])
     except (ValueError, FileNotFoundError) as exc:
         print(f"sentinel-vllm serve: error: {exc}", file=sys.stderr)
         return 2
     os.environ[CONFIG_ENV] = cfg.to_env()
-    os.environ[SERIES_ENV] = series  # read by the worker (serving/worker/tracker_setup.py)
     print(f"sentinel-vllm serve: sentinel {scorer.id} ({scorer.entropy}"
           f"{'' if scorer.k is None else f', k={scorer.k}'}, series {scorer.series!r})",
           file=sys.stderr, flush=True)

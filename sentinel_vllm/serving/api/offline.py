@@ -17,19 +17,17 @@ the same block as the API server's (:mod:`sentinel_vllm.serving.api.scoring`).
 
 from __future__ import annotations
 
-import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from sentinel_vllm.serving.api.response import new_sentinel_id
-from sentinel_vllm.serving.api.scoring import SentinelScorer, error_block, worker_series
+from sentinel_vllm.serving.api.scoring import SentinelScorer, error_block
 from sentinel_vllm.serving.contract import (
     RPC_FETCH,
-    SERIES_ENV,
-    WORKER_EXTENSION,
     XARG_ID,
     XARG_N,
-    first_answer,
-    processor_fqcn,
+    merge_answers,
+    vllm_launch_kwargs,
 )
 
 __all__ = ["LLM"]
@@ -46,15 +44,18 @@ class LLM:
     sentinel : str or path
         ONNX sentinel file (or ``"default"``); validated before vLLM starts.
     **vllm_kwargs
-        Passed to ``vllm.LLM`` (``logits_processors`` are kept, ours is added;
-        ``worker_extension_cls`` must not be given).
+        Passed to ``vllm.LLM``, merged with the sentinel's settings by
+        :func:`~sentinel_vllm.serving.contract.vllm_launch_kwargs` (``logits_processors``
+        and ``additional_config`` are kept, ours are added; a different
+        ``worker_extension_cls`` is refused). The processor class suits both model
+        runners, so vLLM's own runner choice stands.
 
     Raises
     ------
     ValueError
         Bad sentinel file (:class:`~sentinel_vllm.sentinel_file.SentinelFileError`), a
-        ``worker_extension_cls`` of the caller's, or ``$SENTINEL_SERIES`` without
-        the sentinel's series.
+        ``worker_extension_cls`` of the caller's, or series (``additional_config``
+        ``["sentinel"]["series"]`` or ``$SENTINEL_SERIES``) without the sentinel's.
 
     Attributes
     ----------
@@ -69,18 +70,16 @@ class LLM:
 
     def __init__(self, model: str, *, sentinel, **vllm_kwargs: Any):
         self.scorer = SentinelScorer.from_path(sentinel)
-        if "worker_extension_cls" in vllm_kwargs:
-            raise ValueError(f"worker_extension_cls is set by sentinel_vllm.LLM ({WORKER_EXTENSION})")
-        os.environ[SERIES_ENV] = worker_series(self.scorer, os.environ.get(SERIES_ENV))
+        launch = vllm_launch_kwargs(
+            [self.scorer.series], logits_processors=vllm_kwargs.pop("logits_processors", None),
+            additional_config=vllm_kwargs.pop("additional_config", None),
+            worker_extension_cls=vllm_kwargs.pop("worker_extension_cls", None))
         from vllm import LLM as VllmLLM
 
         from sentinel_vllm.serving.api.child_index import install_child_index_patch
 
         install_child_index_patch()
-        use_v2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("", "0")
-        procs = [processor_fqcn(use_v2=use_v2), *(vllm_kwargs.pop("logits_processors", None) or [])]
-        self.llm = VllmLLM(model, logits_processors=procs, worker_extension_cls=WORKER_EXTENSION,
-                           **vllm_kwargs)
+        self.llm = VllmLLM(model, **launch, **vllm_kwargs)
         try:
             self.scorer.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         except Exception:  # noqa: BLE001 (only the block's "k" for full entropy)
@@ -139,7 +138,7 @@ class LLM:
         if isinstance(slices, str) or slices is None:
             slices = [slices or "default"] * len(ids)
         try:
-            res = first_answer(self.llm.collective_rpc(RPC_FETCH, args=(ids,))) or {}
+            res = merge_answers(self.llm.collective_rpc(RPC_FETCH, args=(ids,))) or {}
             samples, labels, where = [], [], []
             for out, sid, label in zip(outs, ids, slices):
                 got = {int(s.get("child", 0)): s for s in res.get(sid) or ()}
