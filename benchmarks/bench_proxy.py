@@ -104,12 +104,15 @@ async def _one(client, url, body, stream):
     t0 = time.perf_counter()
     if stream:
         async with client.stream("POST", url, json=body) as r:
-            async for _ in r.aiter_bytes():
-                pass
+            async for part in r.aiter_bytes():
+                if r.status_code != 200 or part.startswith(b"event: error"):
+                    print(f"# {r.status_code}: {part[:300]!r}", file=sys.stderr)
             ok = r.status_code
     else:
         r = await client.post(url, json=body)
         ok = r.status_code if r.json().get("choices") is not None else -1
+        if ok != 200:
+            print(f"# {r.status_code}: {r.text[:300]}", file=sys.stderr)
     return time.perf_counter() - t0, ok
 
 

@@ -243,7 +243,8 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
         baseline=config.baseline, drift_margin=config.drift_margin,
         min_samples=config.min_samples, registry=registry)
     timeout = httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s)
-    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+    # keep-alive shorter than uvicorn's 5 s (vLLM's server): no reuse of a connection the upstream is closing
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=2.0)
     state: dict = {}
 
     def client() -> httpx.AsyncClient:
