@@ -51,9 +51,15 @@ def fake_app(n_tokens: int):
     rng = np.random.default_rng(0)
 
     def entry(t, lp):
-        return {"token": f"t{t}", "logprob": float(lp[0]), "bytes": [116],
-                "top_logprobs": [{"token": f"t{t}_{j}", "logprob": float(v), "bytes": [116]}
-                                 for j, v in enumerate(lp)]}
+        return {
+            "token": f"t{t}",
+            "logprob": float(lp[0]),
+            "bytes": [116],
+            "top_logprobs": [
+                {"token": f"t{t}_{j}", "logprob": float(v), "bytes": [116]}
+                for j, v in enumerate(lp)
+            ],
+        }
 
     steps = []
     for _ in range(n_tokens):
@@ -64,37 +70,59 @@ def fake_app(n_tokens: int):
 
     def whole(with_lp):
         lp = {"content": [entry(t, s) for t, s in enumerate(steps)]} if with_lp else None
-        return json.dumps(dict(head, object="chat.completion", choices=[{
-            "index": 0, "message": {"role": "assistant", "content": "x" * n_tokens},
-            "logprobs": lp, "finish_reason": "length"}])).encode()
+        return json.dumps(
+            dict(
+                head,
+                object="chat.completion",
+                choices=[
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "x" * n_tokens},
+                        "logprobs": lp,
+                        "finish_reason": "length",
+                    }
+                ],
+            )
+        ).encode()
 
     def chunks(with_lp):
         out = []
         for t, s in enumerate(steps):
-            c = {"index": 0, "delta": {"content": "x"}, "logprobs":
-                 {"content": [entry(t, s)]} if with_lp else None,
-                 "finish_reason": "length" if t == n_tokens - 1 else None}
-            out.append(b"data: " + json.dumps(dict(head, object="chat.completion.chunk",
-                                                   choices=[c])).encode() + b"\n\n")
+            c = {
+                "index": 0,
+                "delta": {"content": "x"},
+                "logprobs": {"content": [entry(t, s)]} if with_lp else None,
+                "finish_reason": "length" if t == n_tokens - 1 else None,
+            }
+            out.append(
+                b"data: "
+                + json.dumps(dict(head, object="chat.completion.chunk", choices=[c])).encode()
+                + b"\n\n"
+            )
         return out + [b"data: [DONE]\n\n"]
 
-    canned = {(s, lp): (chunks(lp) if s else whole(lp)) for s in (False, True) for lp in (False, True)}
+    canned = {
+        (s, lp): (chunks(lp) if s else whole(lp)) for s in (False, True) for lp in (False, True)
+    }
 
     async def chat(request):
         body = await request.json()
         key = (body.get("stream") is True, body.get("logprobs") is True)
         if key[0]:
+
             async def gen():
                 for c in canned[key]:
                     yield c
+
             return StreamingResponse(gen(), media_type="text/event-stream")
         return Response(canned[key], media_type="application/json")
 
     async def health(request):
         return Response(b"ok")
 
-    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
-                             Route("/health", health)])
+    return Starlette(
+        routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/health", health)]
+    )
 
 
 # ---------------------------------------------------------------- load
@@ -123,7 +151,9 @@ async def load(url, body, stream, n, concurrency):
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await asyncio.gather(*[_one(client, url, body, stream) for _ in range(min(8, n))])  # warm up
+        await asyncio.gather(
+            *[_one(client, url, body, stream) for _ in range(min(8, n))]
+        )  # warm up
 
         async def task():
             async with sem:
@@ -134,8 +164,13 @@ async def load(url, body, stream, n, concurrency):
         wall = time.perf_counter() - t0
     ms = np.array([x for x, _ in lat]) * 1e3
     bad = sorted({code for _, code in lat if code != 200})
-    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
-            "rps": n / wall, "failed": sum(code != 200 for _, code in lat), "codes": bad}
+    return {
+        "p50": float(np.percentile(ms, 50)),
+        "p99": float(np.percentile(ms, 99)),
+        "rps": n / wall,
+        "failed": sum(code != 200 for _, code in lat),
+        "codes": bad,
+    }
 
 
 def cpu_s(pid: int) -> float:
@@ -152,8 +187,11 @@ def make_sentinel(path):
     rng = np.random.default_rng(0)
     X = rng.gamma(2.0, 0.5, size=(400, len(FEATURE_NAMES)))
     y = (rng.random(400) < 1 / (1 + np.exp(3 * (X[:, 0] - 1)))).astype(int)
-    return SentinelClassifier(random_state=0).fit(X, y).export_onnx(
-        path, entropy="topk", k=20, training_slices=["synthetic"])
+    return (
+        SentinelClassifier(random_state=0)
+        .fit(X, y)
+        .export_onnx(path, entropy="topk", k=20, training_slices=["synthetic"])
+    )
 
 
 def wait_http(url, proc, timeout_s=120):
@@ -192,13 +230,17 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=128, help="tokens per fake response")
     ap.add_argument("--upstream", default=None, help="a real server's root URL instead of the fake")
     ap.add_argument("--model", default="fake")
-    ap.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request (real upstream)")
+    ap.add_argument(
+        "--max-tokens", type=int, default=128, help="max_tokens per request (real upstream)"
+    )
     ap.add_argument("--serve-fake", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve_fake:
         import uvicorn
 
-        uvicorn.run(fake_app(args.tokens), host="127.0.0.1", port=args.serve_fake, log_level="warning")
+        uvicorn.run(
+            fake_app(args.tokens), host="127.0.0.1", port=args.serve_fake, log_level="warning"
+        )
         return 0
     procs = []
     tmp = tempfile.mkdtemp(prefix="bench_proxy_")
@@ -210,42 +252,89 @@ def main(argv=None) -> int:
             up = args.upstream.rstrip("/")
         else:
             port = free_port()
-            procs.append(start([sys.executable, __file__, "--serve-fake", str(port),
-                                "--tokens", str(args.tokens)], log))
+            procs.append(
+                start(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--serve-fake",
+                        str(port),
+                        "--tokens",
+                        str(args.tokens),
+                    ],
+                    log,
+                )
+            )
             up = f"http://127.0.0.1:{port}"
             wait_http(up + "/health", procs[-1])
         pport = free_port()
-        procs.append(start([sys.executable, "-m", "sentinel_vllm", "proxy", "--upstream", up,
-                            "--sentinel", sentinel, "--host", "127.0.0.1", "--port", str(pport),
-                            "--log-level", "warning"], log))
+        procs.append(
+            start(
+                [
+                    sys.executable,
+                    "-m",
+                    "sentinel_vllm",
+                    "proxy",
+                    "--upstream",
+                    up,
+                    "--sentinel",
+                    sentinel,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(pport),
+                    "--log-level",
+                    "warning",
+                ],
+                log,
+            )
+        )
         proxy, proxy_proc = f"http://127.0.0.1:{pport}", procs[-1]
         wait_http(proxy + "/metrics", procs[-1])
         msg = [{"role": "user", "content": "What is 2 + 2?"}]
-        base = {"model": args.model, "messages": msg, "max_tokens": args.max_tokens, "temperature": 0.0}
+        base = {
+            "model": args.model,
+            "messages": msg,
+            "max_tokens": args.max_tokens,
+            "temperature": 0.0,
+        }
         rows = []
         for stream in (False, True):
-            for name, url, extra in (("direct", up, {}),
-                                     ("direct+lp", up, {"logprobs": True, "top_logprobs": 20}),
-                                     ("proxy", proxy, {})):
+            for name, url, extra in (
+                ("direct", up, {}),
+                ("direct+lp", up, {"logprobs": True, "top_logprobs": 20}),
+                ("proxy", proxy, {}),
+            ):
                 body = dict(base, stream=stream, **extra)
                 c0 = cpu_s(proxy_proc.pid)
-                r = asyncio.run(load(url + "/v1/chat/completions", body, stream, args.requests,
-                                     args.concurrency))
+                r = asyncio.run(
+                    load(
+                        url + "/v1/chat/completions", body, stream, args.requests, args.concurrency
+                    )
+                )
                 r["proxy_cpu_ms"] = (cpu_s(proxy_proc.pid) - c0) * 1e3 / (args.requests + 8)
                 rows.append(("stream" if stream else "json", name, r))
-        print(f"# bench_proxy: {args.requests} requests per row, concurrency {args.concurrency}, "
-              f"upstream {'fake, ' + str(args.tokens) + ' tokens x 20 alternatives' if not args.upstream else up}; "
-              f"sentinel {sid}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-              f"python {platform.python_version()}")
-        print("| mode | path | p50 ms | p99 ms | req/s | added p50 ms | added p99 ms | req/s vs direct "
-              "| proxy CPU ms/req | failed |")
+        print(
+            f"# bench_proxy: {args.requests} requests per row, concurrency {args.concurrency}, "
+            f"upstream {up if args.upstream else f'fake, {args.tokens} tokens x 20 alternatives'}; "
+            f"sentinel {sid}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+            f"python {platform.python_version()}"
+        )
+        print(
+            "| mode | path | p50 ms | p99 ms | req/s | added p50 ms | added p99 ms "
+            "| req/s vs direct "
+            "| proxy CPU ms/req | failed |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|")
         for mode, name, r in rows:
             d = next(x for m, nm, x in rows if m == mode and nm == "direct")
             cpu = f"{r['proxy_cpu_ms']:.1f}" if name == "proxy" else "-"
-            print(f"| {mode} | {name} | {r['p50']:.1f} | {r['p99']:.1f} | {r['rps']:.0f} | "
-                  f"{r['p50'] - d['p50']:+.1f} | {r['p99'] - d['p99']:+.1f} | {r['rps'] / d['rps']:.2f} | "
-                  f"{cpu} | {r['failed']}{' ' + str(r['codes']) if r['codes'] else ''} |")
+            print(
+                f"| {mode} | {name} | {r['p50']:.1f} | {r['p99']:.1f} | {r['rps']:.0f} | "
+                f"{r['p50'] - d['p50']:+.1f} | {r['p99'] - d['p99']:+.1f} | "
+                f"{r['rps'] / d['rps']:.2f} | "
+                f"{cpu} | {r['failed']}{' ' + str(r['codes']) if r['codes'] else ''} |"
+            )
     finally:
         for p in reversed(procs):
             stop(p)

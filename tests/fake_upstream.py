@@ -35,8 +35,9 @@ class ServerThread:
         import uvicorn
 
         self.port = port or free_port()
-        cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                             lifespan="on")
+        cfg = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -87,7 +88,9 @@ class FakeUpstream:
 
         async def completions(request):
             body = await request.json()
-            self.seen.append({"path": request.url.path, "body": body, "headers": dict(request.headers)})
+            self.seen.append(
+                {"path": request.url.path, "body": body, "headers": dict(request.headers)}
+            )
             chat = request.url.path.endswith("/chat/completions")
             model = body.get("model")
             k = int(body.get("top_logprobs") or 0) if chat else int(body.get("logprobs") or 0)
@@ -117,9 +120,17 @@ class FakeUpstream:
                     yield b"data: [DONE]\n\n"
 
                 return StreamingResponse(gen(), media_type="text/event-stream")
-            resp = chat_response(steps, model=model) if chat else completion_response(steps, model=model)
+            resp = (
+                chat_response(steps, model=model)
+                if chat
+                else completion_response(steps, model=model)
+            )
             return JSONResponse(resp)
 
-        return Starlette(routes=[Route("/v1/models", models),
-                                 Route("/v1/chat/completions", completions, methods=["POST"]),
-                                 Route("/v1/completions", completions, methods=["POST"])])
+        return Starlette(
+            routes=[
+                Route("/v1/models", models),
+                Route("/v1/chat/completions", completions, methods=["POST"]),
+                Route("/v1/completions", completions, methods=["POST"]),
+            ]
+        )

@@ -17,6 +17,7 @@ pytest.importorskip("uvicorn")
 
 from fake_upstream import ServerThread  # noqa: E402
 from openai_fixtures import chat_response, choice_steps  # noqa: E402
+
 from sentinel_vllm.blackbox.endpoint_collect import collect_endpoint  # noqa: E402
 from sentinel_vllm.collect import parse_benchmarks  # noqa: E402
 from sentinel_vllm.datasets import load_benchmark  # noqa: E402
@@ -46,21 +47,33 @@ class FakeEndpoint:
             steps = choice_steps(200 + i, 6 + i, body["top_logprobs"])
             resp = chat_response([steps])
             resp["choices"][0]["message"]["content"] = (
-                f"The answer is \\boxed{{{p.gold}}}" if i % 2 == 0 else "The answer is \\boxed{-12345}")
+                f"The answer is \\boxed{{{p.gold}}}"
+                if i % 2 == 0
+                else "The answer is \\boxed{-12345}"
+            )
             return JSONResponse(resp)
 
-        self.server = ServerThread(Starlette(routes=[Route("/v1/chat/completions", chat,
-                                                           methods=["POST"])])).start()
+        self.server = ServerThread(
+            Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+        ).start()
 
 
 def test_collect_endpoint_graded_and_resumable(tmp_path):
     probs = load_benchmark("gsm8k", n=3, seed=0, path=str(FIX))
     fake = FakeEndpoint(probs)
     out = tmp_path / "t.jsonl"
-    kw = dict(n=3, ks=(1, 5, 20), concurrency=2, retries=0, progress=False,
-              benchmark_paths={"gsm8k": str(FIX)})
+    kw = dict(
+        n=3,
+        ks=(1, 5, 20),
+        concurrency=2,
+        retries=0,
+        progress=False,
+        benchmark_paths={"gsm8k": str(FIX)},
+    )
     try:
-        s1 = collect_endpoint(fake.server.url + "/v1", "m", parse_benchmarks("gsm8k"), str(out), **kw)
+        s1 = collect_endpoint(
+            fake.server.url + "/v1", "m", parse_benchmarks("gsm8k"), str(out), **kw
+        )
         assert s1["gsm8k"]["n"] == 2 and s1["gsm8k"]["failed"] == 1
         assert "HTTP 503" in s1["gsm8k"]["first_error"]
         b = fake.bodies[0]
@@ -100,11 +113,22 @@ def test_collect_endpoint_refuses_short_lists(tmp_path):
     async def chat(request):
         return JSONResponse(chat_response([choice_steps(1, 4, 5)]))  # capped at 5
 
-    srv = ServerThread(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])).start()
+    srv = ServerThread(
+        Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    ).start()
     out = tmp_path / "t.jsonl"
     try:
-        s = collect_endpoint(srv.url, "m", parse_benchmarks("gsm8k"), str(out), n=1, ks=(5, 20),
-                             retries=0, progress=False, benchmark_paths={"gsm8k": str(FIX)})
+        s = collect_endpoint(
+            srv.url,
+            "m",
+            parse_benchmarks("gsm8k"),
+            str(out),
+            n=1,
+            ks=(5, 20),
+            retries=0,
+            progress=False,
+            benchmark_paths={"gsm8k": str(FIX)},
+        )
     finally:
         srv.stop()
     assert s["gsm8k"]["failed"] == 1 and "fewer than k=20" in s["gsm8k"]["first_error"]
@@ -112,23 +136,58 @@ def test_collect_endpoint_refuses_short_lists(tmp_path):
 
 
 def test_cli_collect_endpoint(tmp_path, monkeypatch):
-    """``sentinel-vllm collect --endpoint URL --model NAME``: the CLI branch, key from the environment."""
+    """``collect --endpoint URL --model NAME``: the CLI branch, key from the environment."""
     import sentinel_vllm.datasets as ds
     from sentinel_vllm.cli import main
 
     probs = load_benchmark("gsm8k", n=3, seed=0, path=str(FIX))
     real = ds.load_benchmark
-    monkeypatch.setattr(ds, "load_benchmark", lambda name, **kw: real(name, **dict(kw, path=str(FIX))))
+    monkeypatch.setattr(
+        ds, "load_benchmark", lambda name, **kw: real(name, **dict(kw, path=str(FIX)))
+    )
     monkeypatch.setenv("MY_KEY", "sk-test")
     fake = FakeEndpoint(probs)
     fake.fail_index = None
     out = tmp_path / "cli.jsonl"
     try:
-        rc = main(["collect", "--endpoint", fake.server.url, "--model", "their-model", "--benchmarks",
-                   "gsm8k", "--n", "3", "--out", str(out), "--api-key-env", "MY_KEY", "--k", "5,20"])
+        rc = main(
+            [
+                "collect",
+                "--endpoint",
+                fake.server.url,
+                "--model",
+                "their-model",
+                "--benchmarks",
+                "gsm8k",
+                "--n",
+                "3",
+                "--out",
+                str(out),
+                "--api-key-env",
+                "MY_KEY",
+                "--k",
+                "5,20",
+            ]
+        )
         assert rc == 0
-        assert main(["collect", "--endpoint", fake.server.url, "--model", "m", "--benchmarks", "gsm8k",
-                     "--out", str(out), "--api-key-env", "UNSET_VAR_X"]) == 1
+        assert (
+            main(
+                [
+                    "collect",
+                    "--endpoint",
+                    fake.server.url,
+                    "--model",
+                    "m",
+                    "--benchmarks",
+                    "gsm8k",
+                    "--out",
+                    str(out),
+                    "--api-key-env",
+                    "UNSET_VAR_X",
+                ]
+            )
+            == 1
+        )
     finally:
         fake.server.stop()
     traces = list(read_traces(str(out)))

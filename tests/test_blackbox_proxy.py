@@ -1,4 +1,4 @@
-"""The proxy against a local fake upstream (real HTTP both sides, official ``openai`` SDK as client).
+"""The proxy against a local fake upstream (real HTTP both sides, the ``openai`` SDK as client).
 
 Checks: the block (n = 1 top level, n = 2 per choice, streams on the finish chunk)
 equals the client helper's on the upstream's answer; logprobs are added upstream
@@ -21,9 +21,10 @@ openai = pytest.importorskip("openai")
 
 from fake_upstream import FakeUpstream, ServerThread, free_port, steps_for  # noqa: E402
 from openai_fixtures import chat_response  # noqa: E402
+from serving_helpers import make_tiny_sentinel  # noqa: E402
+
 from sentinel_vllm.blackbox.client import TopLogprobsScorer  # noqa: E402
 from sentinel_vllm.blackbox.proxy import ProxyConfig, build_app  # noqa: E402
-from serving_helpers import make_tiny_sentinel  # noqa: E402
 
 TIMEOUT_S = 1.0
 
@@ -37,13 +38,24 @@ def env(tmp_path_factory):
     make_tiny_sentinel(sentinel, entropy="topk", k=20)
     up = FakeUpstream(slow_s=3 * TIMEOUT_S)
     reg = CollectorRegistry()
-    cfg = ProxyConfig(upstream=up.url + "/v1", sentinel=str(sentinel), timeout_s=TIMEOUT_S,
-                      connect_timeout_s=TIMEOUT_S, model_label="fake", replica="t",
-                      slices=["a", "b"])
+    cfg = ProxyConfig(
+        upstream=up.url + "/v1",
+        sentinel=str(sentinel),
+        timeout_s=TIMEOUT_S,
+        connect_timeout_s=TIMEOUT_S,
+        model_label="fake",
+        replica="t",
+        slices=["a", "b"],
+    )
     proxy = ServerThread(build_app(cfg, registry=reg)).start()
     try:
-        yield {"up": up, "proxy": proxy.url, "reg": reg, "scorer": TopLogprobsScorer(sentinel),
-               "sentinel": sentinel}
+        yield {
+            "up": up,
+            "proxy": proxy.url,
+            "reg": reg,
+            "scorer": TopLogprobsScorer(sentinel),
+            "sentinel": sentinel,
+        }
     finally:
         proxy.stop()
         up.stop()
@@ -65,18 +77,31 @@ def _counter(env, name, **labels):
 def _same_block(got, want):
     assert set(got) == set(want)
     assert got["p_correct"] == pytest.approx(want["p_correct"], abs=1e-12)
-    np.testing.assert_allclose([got["features"][f] for f in want["features"]],
-                               list(want["features"].values()), rtol=1e-12)
+    np.testing.assert_allclose(
+        [got["features"][f] for f in want["features"]], list(want["features"].values()), rtol=1e-12
+    )
     for key in ("entropy", "k", "n_steps", "model", "slice"):
         assert got[key] == want[key]
 
 
 def test_json_n1_block_and_request_rewrite(env):
-    before = _counter(env, "sentinel_requests_scored_total", model="fake",
-                      sentinel=env["scorer"].id, replica="t", slice="a")
-    r = _post(env, {"model": "ok", "messages": [{"role": "user", "content": "hi"}],
-                    "vllm_xargs": {"sentinel_slice": "a", "other": 1}},
-              headers={"Authorization": "Bearer client-key", "X-Custom": "v"})
+    before = _counter(
+        env,
+        "sentinel_requests_scored_total",
+        model="fake",
+        sentinel=env["scorer"].id,
+        replica="t",
+        slice="a",
+    )
+    r = _post(
+        env,
+        {
+            "model": "ok",
+            "messages": [{"role": "user", "content": "hi"}],
+            "vllm_xargs": {"sentinel_slice": "a", "other": 1},
+        },
+        headers={"Authorization": "Bearer client-key", "X-Custom": "v"},
+    )
     assert r.status_code == 200, r.text
     obj = r.json()
     _same_block(obj["sentinel"], _expected(env, 1, "a")[0])
@@ -86,14 +111,28 @@ def test_json_n1_block_and_request_rewrite(env):
     assert seen["body"]["vllm_xargs"] == {"other": 1}  # the sentinel keys stay here
     assert seen["headers"]["authorization"] == "Bearer client-key"
     assert seen["headers"]["x-custom"] == "v"
-    after = _counter(env, "sentinel_requests_scored_total", model="fake",
-                     sentinel=env["scorer"].id, replica="t", slice="a")
+    after = _counter(
+        env,
+        "sentinel_requests_scored_total",
+        model="fake",
+        sentinel=env["scorer"].id,
+        replica="t",
+        slice="a",
+    )
     assert after == before + 1
 
 
 def test_json_n2_client_asked_fewer_logprobs(env):
-    r = _post(env, {"model": "ok", "n": 2, "logprobs": True, "top_logprobs": 3,
-                    "messages": [{"role": "user", "content": "hi"}]})
+    r = _post(
+        env,
+        {
+            "model": "ok",
+            "n": 2,
+            "logprobs": True,
+            "top_logprobs": 3,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    )
     obj = r.json()
     want = _expected(env, 2, "default")
     assert "sentinel" not in obj
@@ -115,13 +154,17 @@ def test_completions_endpoint(env):
 
 def test_openai_sdk_reads_block_json_and_stream(env):
     client = openai.OpenAI(base_url=env["proxy"] + "/v1", api_key="good")
-    r = client.chat.completions.create(model="ok", messages=[{"role": "user", "content": "hi"}],
-                                       extra_body={"vllm_xargs": {"sentinel_slice": "b"}})
+    r = client.chat.completions.create(
+        model="ok",
+        messages=[{"role": "user", "content": "hi"}],
+        extra_body={"vllm_xargs": {"sentinel_slice": "b"}},
+    )
     _same_block(r.model_extra["sentinel"], _expected(env, 1, "b")[0])
     assert r.choices[0].logprobs is None
     blocks, n_chunks = {}, 0
-    stream = client.chat.completions.create(model="ok", n=2, stream=True,
-                                            messages=[{"role": "user", "content": "hi"}])
+    stream = client.chat.completions.create(
+        model="ok", n=2, stream=True, messages=[{"role": "user", "content": "hi"}]
+    )
     for chunk in stream:
         n_chunks += 1
         for c in chunk.choices:  # every chunk with choices; the block rides on the finish chunk
@@ -133,8 +176,9 @@ def test_openai_sdk_reads_block_json_and_stream(env):
     for i in (0, 1):
         _same_block(blocks[i], want[i])
     # n = 1 stream: the block is top-level on the finish chunk, like the JSON answer
-    stream = client.chat.completions.create(model="ok", stream=True,
-                                            messages=[{"role": "user", "content": "hi"}])
+    stream = client.chat.completions.create(
+        model="ok", stream=True, messages=[{"role": "user", "content": "hi"}]
+    )
     fin = [c for c in stream if c.choices and c.choices[0].finish_reason]
     assert len(fin) == 1
     _same_block(fin[0].model_extra["sentinel"], _expected(env, 1, "default")[0])
@@ -159,8 +203,14 @@ def test_stream_forwarded_before_upstream_finishes(env):
 
 
 def test_upstream_errors_pass_through_untouched(env):
-    errs = _counter(env, "sentinel_errors_total", model="fake", sentinel=env["scorer"].id,
-                    replica="t", reason="missing_series")
+    errs = _counter(
+        env,
+        "sentinel_errors_total",
+        model="fake",
+        sentinel=env["scorer"].id,
+        replica="t",
+        reason="missing_series",
+    )
     t0 = time.monotonic()
     r = _post(env, {"model": "fail500", "messages": []})
     assert r.status_code == 500 and r.json()["error"]["message"] == "boom"
@@ -174,8 +224,17 @@ def test_upstream_errors_pass_through_untouched(env):
     assert "p_correct" in r.model_extra["sentinel"]
     assert time.monotonic() - t0 < 10
     # nothing of the sentinel acted on the rejected requests: no error counted for them
-    assert _counter(env, "sentinel_errors_total", model="fake", sentinel=env["scorer"].id,
-                    replica="t", reason="missing_series") == errs
+    assert (
+        _counter(
+            env,
+            "sentinel_errors_total",
+            model="fake",
+            sentinel=env["scorer"].id,
+            replica="t",
+            reason="missing_series",
+        )
+        == errs
+    )
 
 
 def test_upstream_without_logprobs_served_with_error_block(env):
@@ -204,8 +263,12 @@ def test_slow_upstream_gives_504_and_stalled_stream_ends(env):
 def test_upstream_down_gives_502(env):
     from prometheus_client import CollectorRegistry
 
-    cfg = ProxyConfig(upstream=f"http://127.0.0.1:{free_port()}", sentinel=str(env["sentinel"]),
-                      timeout_s=TIMEOUT_S, connect_timeout_s=TIMEOUT_S)
+    cfg = ProxyConfig(
+        upstream=f"http://127.0.0.1:{free_port()}",
+        sentinel=str(env["sentinel"]),
+        timeout_s=TIMEOUT_S,
+        connect_timeout_s=TIMEOUT_S,
+    )
     app = build_app(cfg, registry=CollectorRegistry())
     srv = ServerThread(app).start()
     try:
@@ -238,10 +301,14 @@ def test_refuses_full_and_other_k_sentinels(tmp_path, env):
     full = tmp_path / "full.onnx"
     make_tiny_sentinel(full, entropy="full")
     with pytest.raises(ValueError, match="full-vocabulary"):
-        build_app(ProxyConfig(upstream=env["up"].url, sentinel=str(full)), registry=CollectorRegistry())
+        build_app(
+            ProxyConfig(upstream=env["up"].url, sentinel=str(full)), registry=CollectorRegistry()
+        )
     with pytest.raises(ValueError, match="top-20"):
-        build_app(ProxyConfig(upstream=env["up"].url, sentinel=str(env["sentinel"]), k=5),
-                  registry=CollectorRegistry())
+        build_app(
+            ProxyConfig(upstream=env["up"].url, sentinel=str(env["sentinel"]), k=5),
+            registry=CollectorRegistry(),
+        )
 
 
 def test_incoherent_logprobs_request_left_to_the_upstream(env):

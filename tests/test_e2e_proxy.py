@@ -20,7 +20,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -29,18 +28,28 @@ pytest.importorskip("vllm")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-from sentinel_vllm.demo import free_port, start_server, stop_server  # noqa: E402
-from sentinel_vllm.features import FEATURE_NAMES  # noqa: E402
 from synthetic import make_traces  # noqa: E402
 
-MODEL = Path(os.environ.get("SENTINEL_VLLM_CACHE") or Path.home() / ".cache" / "sentinel-vllm") / "models" / "smollm2-135m-instruct"
+from sentinel_vllm.demo import free_port, start_server, stop_server  # noqa: E402
+from sentinel_vllm.features import FEATURE_NAMES  # noqa: E402
+
+MODEL = (
+    Path(os.environ.get("SENTINEL_VLLM_CACHE") or Path.home() / ".cache" / "sentinel-vllm")
+    / "models"
+    / "smollm2-135m-instruct"
+)
 if not (MODEL / "config.json").is_file():
-    pytest.skip(f"no SmolLM2 folder at {MODEL} (`sentinel-vllm models fetch smollm2-135m`)",
-                allow_module_level=True)
+    pytest.skip(
+        f"no SmolLM2 folder at {MODEL} (`sentinel-vllm models fetch smollm2-135m`)",
+        allow_module_level=True,
+    )
 
 CPU_ARGS = ["--dtype", "float32", "--kv-cache-memory-bytes", "400000000", "--max-model-len", "1024"]
-PROMPTS = ["What is 12 + 30? Answer briefly.", "Name a prime number larger than 10.",
-           "Say hello in one word."]
+PROMPTS = [
+    "What is 12 + 30? Answer briefly.",
+    "Name a prime number larger than 10.",
+    "Say hello in one word.",
+]
 MAX_TOKENS = (20, 28, 40)
 START_TIMEOUT_S = 600
 
@@ -88,8 +97,13 @@ def _kill(proc, timeout_s=60):
 
 
 def _body(i, stream=False):
-    return {"model": str(MODEL), "temperature": 0.0, "max_tokens": MAX_TOKENS[i],
-            "messages": [{"role": "user", "content": PROMPTS[i]}], "stream": stream}
+    return {
+        "model": str(MODEL),
+        "temperature": 0.0,
+        "max_tokens": MAX_TOKENS[i],
+        "messages": [{"role": "user", "content": PROMPTS[i]}],
+        "stream": stream,
+    }
 
 
 def _in_engine(base):
@@ -117,8 +131,15 @@ def results(tmp_path_factory):
     sentinel = _train_top20(tmp)
     port = free_port()
     try:
-        serve = start_server(str(MODEL), str(sentinel), port, str(tmp / "serve.log"), max_model_len=1024,
-                             extra=CPU_ARGS[:4], timeout_s=START_TIMEOUT_S)
+        serve = start_server(
+            str(MODEL),
+            str(sentinel),
+            port,
+            str(tmp / "serve.log"),
+            max_model_len=1024,
+            extra=CPU_ARGS[:4],
+            timeout_s=START_TIMEOUT_S,
+        )
     except RuntimeError as exc:
         pytest.fail(str(exc))
     try:
@@ -128,27 +149,66 @@ def results(tmp_path_factory):
     up_port, proxy_port = free_port(), free_port()
     upstream = proxy = None
     try:
-        upstream = _start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL),
-                           "--host", "127.0.0.1", "--port", str(up_port), "--logprobs-mode", "raw_logprobs",
-                           *CPU_ARGS], tmp / "upstream.log")
-        proxy = _start([sys.executable, "-m", "sentinel_vllm", "proxy", "--upstream",
-                        f"http://127.0.0.1:{up_port}", "--sentinel", str(sentinel), "--host", "127.0.0.1",
-                        "--port", str(proxy_port), "--model-label", "smollm2", "--log-level", "warning"],
-                       tmp / "proxy.log")
+        upstream = _start(
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                str(MODEL),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(up_port),
+                "--logprobs-mode",
+                "raw_logprobs",
+                *CPU_ARGS,
+            ],
+            tmp / "upstream.log",
+        )
+        proxy = _start(
+            [
+                sys.executable,
+                "-m",
+                "sentinel_vllm",
+                "proxy",
+                "--upstream",
+                f"http://127.0.0.1:{up_port}",
+                "--sentinel",
+                str(sentinel),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(proxy_port),
+                "--model-label",
+                "smollm2",
+                "--log-level",
+                "warning",
+            ],
+            tmp / "proxy.log",
+        )
         _wait(f"http://127.0.0.1:{proxy_port}/metrics", proxy, 60, tmp / "proxy.log")
         _wait(f"http://127.0.0.1:{up_port}/health", upstream, START_TIMEOUT_S, tmp / "upstream.log")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{proxy_port}/v1", api_key="unused")
         got = {}
         for i in range(len(PROMPTS)):
             b = _body(i)
-            r = client.chat.completions.create(model=b["model"], messages=b["messages"],
-                                               temperature=0.0, max_tokens=b["max_tokens"])
+            r = client.chat.completions.create(
+                model=b["model"],
+                messages=b["messages"],
+                temperature=0.0,
+                max_tokens=b["max_tokens"],
+            )
             got[("json", i)] = (r.choices[0].message.content, r.model_extra["sentinel"], r)
         b = _body(0)
         text, block, n_chunks = "", None, 0
-        for chunk in client.chat.completions.create(model=b["model"], messages=b["messages"],
-                                                    temperature=0.0, max_tokens=b["max_tokens"],
-                                                    stream=True):
+        for chunk in client.chat.completions.create(
+            model=b["model"],
+            messages=b["messages"],
+            temperature=0.0,
+            max_tokens=b["max_tokens"],
+            stream=True,
+        ):
             n_chunks += 1
             if chunk.choices:
                 text += chunk.choices[0].delta.content or ""
@@ -174,7 +234,7 @@ def test_proxy_block_equals_in_engine(results, key):
     assert p_block["model"] == e_block["model"]
     diffs = {f: abs(p_block["features"][f] - e_block["features"][f]) for f in FEATURE_NAMES}
     assert max(diffs.values()) < 1e-4, diffs
-    # same features -> the same forest leaves and isotonic segment, unless a threshold falls in between
+    # same features -> same forest leaves and isotonic segment, unless a threshold lies in between
     assert p_block["p_correct"] == pytest.approx(e_block["p_correct"], abs=1e-4)
 
 

@@ -8,8 +8,11 @@ sentinel are the same as in-engine, and so is the response block.
 
 Modules, one per stage:
 
-* :mod:`~sentinel_vllm.blackbox.client`: parse a response (JSON body, ``openai``
-  SDK object, list of streamed chunks), trajectories, features, blocks;
+* :mod:`~sentinel_vllm.blackbox.parse`: the alternatives of each choice from a
+  response (JSON body, ``openai`` SDK object, list of streamed chunks);
+* :mod:`~sentinel_vllm.blackbox.client`: trajectories, features, blocks, and the
+  rules (fewer than k alternatives, another k, colliding text);
+* :mod:`~sentinel_vllm.blackbox.rewrite`: the proxy's pure request/response rewriting;
 * :mod:`~sentinel_vllm.blackbox.proxy`: an OpenAI-compatible reverse proxy that
   adds the block and the Prometheus metrics (Starlette + httpx);
 * :mod:`~sentinel_vllm.blackbox.endpoint_collect`: labelled top-k traces from

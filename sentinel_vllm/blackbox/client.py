@@ -46,13 +46,13 @@ Rules
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
+from sentinel_vllm.blackbox.parse import ChoiceLogprobs, add_choice, as_dict, extract_choices
 from sentinel_vllm.entropy import entropy_from_top_logprobs
 from sentinel_vllm.features import FEATURE_NAMES, compute_features
 
@@ -84,28 +84,6 @@ class TooFewAlternativesError(ValueError):
 
 
 @dataclass
-class ChoiceLogprobs:
-    """The alternatives of one choice, step by step.
-
-    Attributes
-    ----------
-    index : int
-        The choice's ``index``.
-    steps : list of list of float
-        Per generated token, the logprobs (nats, full softmax) of the alternatives
-        the response lists, every entry kept.
-    present : bool
-        False if no ``logprobs`` object was seen for this choice.
-    finish_reason : str or None
-    """
-
-    index: int
-    steps: list[list[float]] = field(default_factory=list)
-    present: bool = False
-    finish_reason: str | None = None
-
-
-@dataclass
 class Trajectory:
     """Per-step top-k entropy of one choice.
 
@@ -134,102 +112,9 @@ class Trajectory:
         return compute_features(self.entropy)
 
 
-def as_dict(obj) -> Any:
-    """A response or chunk as plain JSON data (dict/list), whatever form it came in.
-
-    Accepts dicts, JSON text (str/bytes, an SSE ``data: ...`` line too), and
-    objects with ``model_dump()`` (``openai`` SDK, pydantic) or ``to_dict()``.
-    """
-    if isinstance(obj, (bytes, bytearray)):
-        obj = obj.decode()
-    if isinstance(obj, str):
-        s = obj.strip()
-        if s.startswith("data:"):
-            s = s[5:].strip()
-        return json.loads(s)
-    if hasattr(obj, "model_dump"):
-        return obj.model_dump()
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    return obj
-
-
-def _step_values(entry) -> list[float] | None:
-    """Alternatives of one chat ``logprobs.content`` entry."""
-    if not isinstance(entry, dict):  # JSON objects are dicts (as_dict); no ABC check per token
-        return None
-    top = entry.get("top_logprobs")
-    if top is None:
-        return []
-    return [a["logprob"] if type(a) is dict else a for a in top]
-
-
-def add_choice(acc: dict[int, ChoiceLogprobs], choice: Mapping, pos: int) -> None:
-    """Fold one response or chunk choice into ``acc`` (per index; steps appended in order)."""
-    idx = int(choice.get("index", pos) or 0)
-    c = acc.setdefault(idx, ChoiceLogprobs(idx))
-    if choice.get("finish_reason") is not None:
-        c.finish_reason = choice["finish_reason"]
-    lp = choice.get("logprobs")
-    if not isinstance(lp, dict):
-        return
-    if isinstance(lp.get("content"), list) or "content" in lp:  # chat
-        c.present = True
-        for entry in lp.get("content") or ():
-            vals = _step_values(entry)
-            if vals is not None:
-                c.steps.append(vals)
-        return
-    if "top_logprobs" in lp or "token_logprobs" in lp:  # completions
-        c.present = True
-        tops = lp.get("top_logprobs")
-        n = len(lp.get("tokens") or lp.get("token_logprobs") or tops or ())
-        for t in range(n):
-            step = tops[t] if tops is not None and t < len(tops) else None
-            c.steps.append(list(step.values()) if isinstance(step, dict) else [])
-
-
-def extract_choices(response) -> dict[int, ChoiceLogprobs]:
-    """Per choice index, the alternatives of every generated token.
-
-    Parameters
-    ----------
-    response : dict, str, bytes, SDK object, or list of chunks
-        A whole chat/completions response, or the chunks of one stream in order.
-
-    Returns
-    -------
-    dict of int to ChoiceLogprobs
-        Sorted by index.
-
-    Raises
-    ------
-    ValueError
-        The input is not a response (no ``choices``) nor a list of chunks.
-    """
-    parts = response if isinstance(response, (list, tuple)) else [response]
-    acc: dict[int, ChoiceLogprobs] = {}
-    seen = False
-    for part in parts:
-        if isinstance(part, (str, bytes)) and part.strip().removeprefix(
-                b"data:" if isinstance(part, bytes) else "data:").strip() in ("[DONE]", b"[DONE]"):
-            continue
-        obj = as_dict(part)
-        if not isinstance(obj, dict):
-            raise ValueError(f"not an OpenAI response or chunk: {type(obj).__name__}")
-        choices = obj.get("choices")
-        if choices is None:
-            continue  # e.g. a usage-only chunk
-        seen = True
-        for pos, choice in enumerate(choices):
-            add_choice(acc, choice, pos)
-    if not seen:
-        raise ValueError("not an OpenAI chat/completions response: no 'choices'")
-    return dict(sorted(acc.items()))
-
-
-def trajectory(choice: ChoiceLogprobs, k: int = 20, *, short_steps: str = "refuse",
-               renormalize: bool = False) -> Trajectory:
+def trajectory(
+    choice: ChoiceLogprobs, k: int = 20, *, short_steps: str = "refuse", renormalize: bool = False
+) -> Trajectory:
     """Top-k entropy per step of one choice.
 
     Parameters
@@ -261,7 +146,8 @@ def trajectory(choice: ChoiceLogprobs, k: int = 20, *, short_steps: str = "refus
     if not choice.present:
         raise MissingLogprobsError(
             f"choice {choice.index} has no logprobs: ask with logprobs=true, top_logprobs={k} "
-            f"(completions: logprobs={k}), or the server ignores them")
+            f"(completions: logprobs={k}), or the server ignores them"
+        )
     counts = [len(s) for s in choice.steps]
     short = [t for t, c in enumerate(counts) if c < k]
     if short and (short_steps == "refuse" or min(counts) == 0):
@@ -269,17 +155,25 @@ def trajectory(choice: ChoiceLogprobs, k: int = 20, *, short_steps: str = "refus
         raise TooFewAlternativesError(
             f"choice {choice.index}: step {t} has {counts[t]} alternatives, fewer than k={k} "
             f"({len(short)} of {len(counts)} steps short); ask for top_logprobs >= {k}"
-            + ("" if min(counts) == 0 else ", or score with the effective k (short_steps='effective')"))
+            + (
+                ""
+                if min(counts) == 0
+                else ", or score with the effective k (short_steps='effective')"
+            )
+        )
     h = entropy_from_top_logprobs(choice.steps, k=k, renormalize=renormalize)
     eff = min([k, *counts]) if counts else k
     return Trajectory(choice.index, h, k, int(eff), len(short))
 
 
-def trajectories(response, k: int = 20, *, short_steps: str = "refuse",
-                 renormalize: bool = False) -> dict[int, Trajectory]:
+def trajectories(
+    response, k: int = 20, *, short_steps: str = "refuse", renormalize: bool = False
+) -> dict[int, Trajectory]:
     """:func:`trajectory` of every choice of a response (raises on the first bad one)."""
-    return {i: trajectory(c, k, short_steps=short_steps, renormalize=renormalize)
-            for i, c in extract_choices(response).items()}
+    return {
+        i: trajectory(c, k, short_steps=short_steps, renormalize=renormalize)
+        for i, c in extract_choices(response).items()
+    }
 
 
 class TopLogprobsScorer:
@@ -303,14 +197,21 @@ class TopLogprobsScorer:
         sentinel's without ``allow_k_mismatch``.
     """
 
-    def __init__(self, sentinel, *, k: int | None = None, allow_k_mismatch: bool = False,
-                 short_steps: str = "refuse"):
+    def __init__(
+        self,
+        sentinel,
+        *,
+        k: int | None = None,
+        allow_k_mismatch: bool = False,
+        short_steps: str = "refuse",
+    ):
         from sentinel_vllm.sentinel_file import SentinelFileError, load_sentinel
-
         from sentinel_vllm.serving.api.scoring import SentinelScorer
 
         if short_steps not in SHORT_STEPS_POLICIES:
-            raise ValueError(f"short_steps must be one of {SHORT_STEPS_POLICIES}, got {short_steps!r}")
+            raise ValueError(
+                f"short_steps must be one of {SHORT_STEPS_POLICIES}, got {short_steps!r}"
+            )
         if not hasattr(sentinel, "p_correct"):
             sentinel = load_sentinel(sentinel)
         self.scorer = SentinelScorer(sentinel)
@@ -319,13 +220,16 @@ class TopLogprobsScorer:
             raise SentinelFileError(
                 f"sentinel {self.id} was trained on full-vocabulary entropy; a response's "
                 "top_logprobs give only the top-k entropy: train one on top-k traces "
-                "(sentinel-vllm train --entropy topk --k 20)")
+                "(sentinel-vllm train --entropy topk --k 20)"
+            )
         self.sentinel_k = int(self.scorer.k)
         self.k = self.sentinel_k if k is None else int(k)
         if self.k != self.sentinel_k and not allow_k_mismatch:
             raise SentinelFileError(
-                f"sentinel {self.id} was trained on top-{self.sentinel_k} entropy; scoring top-{self.k} "
-                "entropy with it is refused (pass allow_k_mismatch=True / --allow-k-mismatch to do it anyway)")
+                f"sentinel {self.id} was trained on top-{self.sentinel_k} entropy; scoring "
+                f"top-{self.k} entropy with it is refused (pass allow_k_mismatch=True / "
+                "--allow-k-mismatch to do it anyway)"
+            )
         self.renormalize = self.scorer.entropy == "topk_renorm"
         self.short_steps = short_steps
 
@@ -355,8 +259,9 @@ class TopLogprobsScorer:
         out, trajs = {}, {}
         for i, c in choices.items():
             try:
-                trajs[i] = trajectory(c, self.k, short_steps=self.short_steps,
-                                      renormalize=self.renormalize)
+                trajs[i] = trajectory(
+                    c, self.k, short_steps=self.short_steps, renormalize=self.renormalize
+                )
             except (ValueError, TypeError) as exc:
                 out[i] = self._error(str(exc), _MISSING, slice_label)
         ids = list(trajs)
@@ -367,8 +272,13 @@ class TopLogprobsScorer:
                 feats = compute_features(tr.entropy).tolist()
             except ValueError:
                 feats = [math.nan] * len(FEATURE_NAMES)  # the scorer reports "nonfinite"
-            samples.append({"child": i, "n_steps": int(tr.entropy.size),
-                            "features": {self.scorer.series: feats}})
+            samples.append(
+                {
+                    "child": i,
+                    "n_steps": int(tr.entropy.size),
+                    "features": {self.scorer.series: feats},
+                }
+            )
         for i, s in zip(ids, self.scorer.score(samples, [slice_label] * len(ids))):
             tr = trajs[i]
             if s.reason is None:
@@ -407,6 +317,7 @@ def score_response(response, sentinel, *, slice_label: str = "default", **kw) ->
     ...                                      top_logprobs=20)       # doctest: +SKIP
     >>> score_response(r, "sentinel.onnx")[0]["p_correct"]          # doctest: +SKIP
     """
-    scorer = sentinel if isinstance(sentinel, TopLogprobsScorer) else TopLogprobsScorer(sentinel, **kw)
+    scorer = (
+        sentinel if isinstance(sentinel, TopLogprobsScorer) else TopLogprobsScorer(sentinel, **kw)
+    )
     return scorer.blocks(response, slice_label)
-

