@@ -47,7 +47,8 @@ def env(tmp_path_factory):
         replica="t",
         slices=["a", "b"],
     )
-    proxy = ServerThread(build_app(cfg, registry=reg)).start()
+    app = build_app(cfg, registry=reg)
+    proxy = ServerThread(app).start()
     try:
         yield {
             "up": up,
@@ -55,6 +56,7 @@ def env(tmp_path_factory):
             "reg": reg,
             "scorer": TopLogprobsScorer(sentinel),
             "sentinel": sentinel,
+            "app": app,
         }
     finally:
         proxy.stop()
@@ -316,3 +318,29 @@ def test_incoherent_logprobs_request_left_to_the_upstream(env):
     _post(env, {"model": "ok", "messages": [], "top_logprobs": 3})
     seen = env["up"].seen[-1]["body"]
     assert "logprobs" not in seen and seen["top_logprobs"] == 3
+
+
+def test_sentinel_failure_never_costs_the_response(env, monkeypatch):
+    """A scorer that raises: JSON and stream answers are still served, with an error block."""
+    scorer = env["app"].state.scorer
+
+    def boom(*a, **k):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(scorer, "score", boom)
+    monkeypatch.setattr(scorer, "score_choices", boom)
+    r = _post(env, {"model": "ok", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+    assert (
+        r.json()["sentinel"]["reason"] == "internal" and "injected" in r.json()["sentinel"]["error"]
+    )
+    body = {"model": "ok", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    with httpx.stream("POST", env["proxy"] + "/v1/chat/completions", json=body, timeout=30) as r:
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+    contents = [
+        json.loads(ln[6:])["choices"][0]["delta"].get("content")
+        for ln in lines[:-1]
+        if json.loads(ln[6:])["choices"]
+    ]
+    assert "".join(c or "" for c in contents) == "".join(f"tok{t}_0" for t in range(9))

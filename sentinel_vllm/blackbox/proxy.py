@@ -141,6 +141,7 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
 
     from sentinel_vllm.serving.api.metrics import SentinelMetrics
     from sentinel_vllm.serving.api.response import attach_blocks
+    from sentinel_vllm.serving.api.scoring import error_block
 
     scorer = TopLogprobsScorer(
         config.sentinel,
@@ -202,7 +203,11 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
 
     async def send(request, body: bytes | None, tracked: bool):
         url = httpx.URL(base + request.url.path, query=request.url.query.encode())
-        content = body if body is not None else request.stream()
+        content = body
+        if body is None and (
+            "content-length" in request.headers or "transfer-encoding" in request.headers
+        ):
+            content = request.stream()  # uploads stream through
         req = client().build_request(
             request.method, url, headers=out_headers(request, tracked), content=content
         )
@@ -258,11 +263,21 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
         except ValueError:
             return Response(data, status_code=200, headers=headers)
         label = metrics.label_slice(raw_slice)
-        scored = await anyio.to_thread.run_sync(scorer.score, obj, label)
-        record(scored, label)
-        for c in obj["choices"]:
-            ask.strip(c)
-        attach_blocks(obj, {i: s.block for i, s in scored.items()}, ask.n)
+        try:
+            scored = await anyio.to_thread.run_sync(scorer.score, obj, label)
+            record(scored, label)
+            blocks = {i: s.block for i, s in scored.items()}
+            for c in obj["choices"]:
+                if isinstance(c, dict):
+                    ask.strip(c)
+        except Exception as exc:  # noqa: BLE001 (a sentinel failure never costs a response)
+            log.exception("sentinel scoring")
+            metrics.error("internal")
+            blocks = {
+                i: error_block(f"{type(exc).__name__}: {exc}", "internal", label)
+                for i in range(max(ask.n, len(obj["choices"])))
+            }
+        attach_blocks(obj, blocks, ask.n)
         return Response(dumps(obj), status_code=200, headers=headers, media_type="application/json")
 
     async def _raw(resp):
@@ -287,15 +302,23 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
                     if cut < 0:
                         break
                     event, buf = buf[:cut], buf[cut + sep :]
-                    out.append(await _rewrite(event, ask, acc, label) + b"\n\n")
+                    out.append(await _safe_rewrite(event, ask, acc, label) + b"\n\n")
                 if out:
                     yield b"".join(out)
             if buf.strip():
-                yield await _rewrite(buf, ask, acc, label) + b"\n\n"
+                yield await _safe_rewrite(buf, ask, acc, label) + b"\n\n"
         except httpx.HTTPError as exc:
             yield b"event: error\ndata: " + dumps(error_body(*upstream_error(exc))) + b"\n\n"
         finally:
             await resp.aclose()
+
+    async def _safe_rewrite(event: bytes, ask: LogprobsAsk, acc: dict, label: str) -> bytes:
+        try:
+            return await _rewrite(event, ask, acc, label)
+        except Exception:  # noqa: BLE001 (the event goes out as the upstream sent it)
+            log.exception("sentinel stream rewrite")
+            metrics.error("internal")
+            return event
 
     async def _rewrite(event: bytes, ask: LogprobsAsk, acc: dict, label: str) -> bytes:
         lines = event.splitlines()
