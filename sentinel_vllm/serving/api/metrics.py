@@ -6,28 +6,44 @@ both by count and by age); the slice's estimated accuracy is the window mean
 :func:`sentinel_vllm.aggregate.estimate_accuracy`. A slice whose estimate falls
 more than ``drift_margin`` below its baseline accuracy raises the drift gauge.
 
-Metrics (all carry ``model`` (served model name), ``sentinel`` (sentinel file id)
-and ``replica`` labels, so several replicas aggregate in one Prometheus):
+Fleet-wide series (counters, which Prometheus sums across API-server processes,
+data-parallel engines' servers and replicas; labels ``model_name`` (vLLM's own
+label, so the two join), ``sentinel`` (sentinel file id) and ``slice``):
 
 ==========================================  =========  ===========================
-name                                        type       extra labels
+name                                        type       meaning
 ==========================================  =========  ===========================
-``sentinel_estimated_accuracy``             gauge      slice
+``sentinel_p_correct``                      histogram  P(correct) of each scored
+                                                       response (``_sum``, ``_count``)
+``sentinel_p_correct_variance_total``       counter    sum of p(1 - p) (Poisson-
+                                                       binomial variance numerator)
+==========================================  =========  ===========================
+
+so that over any interval the fleet estimate of a slice is
+``sum(rate(sentinel_p_correct_sum)) / sum(rate(sentinel_p_correct_count))`` and its
+95% interval half-width ``1.96 * sqrt(sum(increase(variance))) / sum(increase(count))``
+(the recording and alerting rules in ``deploy/monitoring/``).
+
+Per-process series (labels ``model``, ``sentinel``, ``replica``):
+
+==========================================  =========  ===========================
+``sentinel_estimated_accuracy``             gauge      slice (window mean)
 ``sentinel_estimated_accuracy_ci_low``      gauge      slice
 ``sentinel_estimated_accuracy_ci_high``     gauge      slice
 ``sentinel_window_responses``               gauge      slice
-``sentinel_baseline_accuracy``              gauge      slice (slices with a baseline)
 ``sentinel_drift_alert``                    gauge 0/1  slice
+``sentinel_baseline_accuracy``              gauge      slice (slices with a baseline)
 ``sentinel_requests_scored_total``          counter    slice
 ``sentinel_errors_total``                   counter    reason (bounded set)
 ``sentinel_response_entropy_nats``          histogram  (mean entropy of a response)
 ==========================================  =========  ===========================
 
-They are registered on prometheus-client's default registry, the one vLLM's
-``/metrics`` route serves with a single API server. With ``--api-server-count > 1``
-vLLM switches prometheus-client to multiprocess mode; the gauges then use
-``multiprocess_mode="liveall"`` (one series per API-server process, ``pid`` label),
-because each process keeps its own window.
+The window gauges (first five) describe one process's own sliding window: with
+one API server they are the estimate, ready to read without any rule. In
+prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, which vLLM
+sets for ``--api-server-count > 1``) no query could combine windows of several
+processes, so they are not exported there (the fleet series above are); the
+baseline gauge is the same in every process (``multiprocess_mode="max"``).
 
 Cardinality is bounded: slice labels come from an allowlist and/or a cap on the
 number of distinct labels (:class:`SliceLabeler`); the rest count as ``other``.
@@ -62,6 +78,7 @@ OTHER_SLICE = "other"
 MAX_LABEL_LEN = 64
 # Error reasons are a closed set so the error counter's cardinality is bounded.
 ERROR_REASONS = ("fetch_timeout", "rpc", "scoring", "missing_series", "nonfinite", "internal")
+P_CORRECT_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 20)) + (1.0, float("inf"))
 ENTROPY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, float("inf"))
 
 
@@ -243,18 +260,21 @@ class SentinelMetrics:
         replica = replica or os.environ.get("SENTINEL_REPLICA") or socket.gethostname()
         self._base = {"model": model, "sentinel": sentinel_id, "replica": replica}
         reg = REGISTRY if registry is None else registry
+        #: prometheus-client multiprocess mode (several API servers): no per-process windows
+        self.multiprocess = registry is None and bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         names = list(self._base)
-        mp = {"multiprocess_mode": "liveall"}
 
-        def gauge(name, doc):
-            return Gauge(name, doc, names + ["slice"], registry=reg, **mp)
+        def gauge(name, doc, mode="liveall"):
+            return Gauge(name, doc, names + ["slice"], registry=reg, multiprocess_mode=mode)
 
-        self.g_acc = gauge("sentinel_estimated_accuracy", "Mean P(correct) over the slice window")
-        self.g_lo = gauge("sentinel_estimated_accuracy_ci_low", "95% interval, lower bound")
-        self.g_hi = gauge("sentinel_estimated_accuracy_ci_high", "95% interval, upper bound")
-        self.g_n = gauge("sentinel_window_responses", "Responses in the slice window")
-        self.g_base = gauge("sentinel_baseline_accuracy", "Configured baseline accuracy")
-        self.g_drift = gauge("sentinel_drift_alert", "1 if estimate < baseline - margin")
+        self.g_acc = self.g_lo = self.g_hi = self.g_n = self.g_drift = None
+        if not self.multiprocess:
+            self.g_acc = gauge("sentinel_estimated_accuracy", "Mean P(correct) over the slice window")
+            self.g_lo = gauge("sentinel_estimated_accuracy_ci_low", "95% interval, lower bound")
+            self.g_hi = gauge("sentinel_estimated_accuracy_ci_high", "95% interval, upper bound")
+            self.g_n = gauge("sentinel_window_responses", "Responses in the slice window")
+            self.g_drift = gauge("sentinel_drift_alert", "1 if estimate < baseline - margin")
+        self.g_base = gauge("sentinel_baseline_accuracy", "Configured baseline accuracy", "max")
         self.c_scored = Counter(
             "sentinel_requests_scored", "Responses scored", names + ["slice"], registry=reg
         )
@@ -266,9 +286,20 @@ class SentinelMetrics:
             buckets=ENTROPY_BUCKETS,
             registry=reg,
         )
+        fleet = ["model_name", "sentinel", "slice"]
+        self._fleet = {"model_name": model, "sentinel": sentinel_id}
+        self.h_p = Histogram("sentinel_p_correct", "P(correct) of each scored response", fleet,
+                             buckets=P_CORRECT_BUCKETS, registry=reg)
+        self.c_var = Counter("sentinel_p_correct_variance",
+                             "Sum of p_correct * (1 - p_correct) over scored responses", fleet,
+                             registry=reg)
         for name, value in self.baseline.items():
             if name != "*":
                 self.g_base.labels(**self._base, slice=name).set(value)
+        for name in sorted(self.labeler.allowlist or ()):
+            # known slices start at 0, so rate()/increase() count their first responses too
+            self.h_p.labels(**self._fleet, slice=name)
+            self.c_var.labels(**self._fleet, slice=name)
 
     def label_slice(self, raw) -> str:
         """Bounded slice label for a client-supplied one."""
@@ -283,6 +314,9 @@ class SentinelMetrics:
                 self._windows[slice_label] = win
             win.add(p_correct)
         self.c_scored.labels(**self._base, slice=slice_label).inc()
+        p = min(max(float(p_correct), 0.0), 1.0)
+        self.h_p.labels(**self._fleet, slice=slice_label).observe(p)
+        self.c_var.labels(**self._fleet, slice=slice_label).inc(p * (1.0 - p))
         if mean_entropy is not None and math.isfinite(mean_entropy):
             self.h_entropy.labels(**self._base).observe(mean_entropy)
         self.refresh(slice_label)
@@ -318,17 +352,22 @@ class SentinelMetrics:
         return est.estimate < base - self.drift_margin
 
     def refresh(self, slice_label: str | None = None) -> None:
-        """Recompute gauges (one slice, or all) from the windows; expires old values."""
+        """Recompute gauges (one slice, or all) from the windows; expires old values.
+
+        In multiprocess mode only the baseline gauge is exported (see the module notes).
+        """
         with self._lock:
             names = [slice_label] if slice_label is not None else list(self._windows)
         for name in names:
-            est = self.estimate(name)
             lab = dict(self._base, slice=name)
+            base = self.baseline_for(name)
+            if base is not None:
+                self.g_base.labels(**lab).set(base)
+            if self.multiprocess:
+                continue
+            est = self.estimate(name)
             self.g_acc.labels(**lab).set(est.estimate)
             self.g_lo.labels(**lab).set(est.ci_low)
             self.g_hi.labels(**lab).set(est.ci_high)
             self.g_n.labels(**lab).set(est.n)
             self.g_drift.labels(**lab).set(1.0 if self._drift(name, est) else 0.0)
-            base = self.baseline_for(name)
-            if base is not None:
-                self.g_base.labels(**lab).set(base)
