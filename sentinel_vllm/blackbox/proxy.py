@@ -230,9 +230,9 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
                 raise ValueError
         except ValueError:
             body = None
-        enabled, raw_slice = (
-            client_options(body, request.headers) if body is not None else (False, None)
-        )
+        enabled, raw_slice = False, None
+        if body is not None:
+            body, enabled, raw_slice = client_options(body, request.headers)
         ask = None
         if enabled:
             ask = LogprobsAsk(body, request.url.path.endswith("/chat/completions"), want)

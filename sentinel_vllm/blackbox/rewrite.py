@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 
+# the SSE event splitter of the in-engine response rewriting (one definition)
+from sentinel_vllm.serving.api.response import _find_event_end as event_end
+from sentinel_vllm.serving.api.response import strip_client_keys
+from sentinel_vllm.serving.contract import XARG_OPT, XARG_SLICE
+
 __all__ = [
-    "CLIENT_KEYS",
     "HOP_HEADERS",
     "LogprobsAsk",
     "client_options",
@@ -32,7 +36,6 @@ HOP_HEADERS = {
     "upgrade",
     "proxy-connection",
 }
-CLIENT_KEYS = ("sentinel_slice", "sentinel")
 
 try:  # 3x faster parsing of bodies with 20 alternatives per token (the proxy's main cost)
     import orjson
@@ -123,28 +126,14 @@ def _int(v, default: int) -> int:
         return default
 
 
-def client_options(body: dict, headers) -> tuple[bool, str | None]:
-    """(enabled, raw slice) from ``vllm_xargs`` / headers; the sentinel keys are removed."""
-    xa = body.get("vllm_xargs")
-    mine = {}
-    if isinstance(xa, dict):
-        mine = {k: xa[k] for k in CLIENT_KEYS if k in xa}
-        rest = {
-            k: v for k, v in xa.items() if k not in CLIENT_KEYS and not k.startswith("sentinel_")
-        }
-        if rest:
-            body["vllm_xargs"] = rest
-        else:
-            body.pop("vllm_xargs")
-    off = str(mine.get("sentinel", headers.get("x-sentinel", ""))).lower() in ("false", "0", "off")
-    return not off, mine.get("sentinel_slice", headers.get("x-sentinel-slice"))
+def client_options(body: dict, headers) -> tuple[dict, bool, str | None]:
+    """The body without any sentinel key, whether the client wants the sentinel, its raw slice.
 
-
-def event_end(buf: bytes) -> tuple[int, int]:
-    """Index and length of the first SSE event separator in ``buf``, or (-1, 0)."""
-    best, length = -1, 0
-    for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"):
-        i = buf.find(sep)
-        if i >= 0 and (best < 0 or i < best):
-            best, length = i, len(sep)
-    return best, length
+    The keys are those the in-engine server takes (``vllm_xargs.sentinel_slice``,
+    ``vllm_xargs.sentinel = false``; every ``sentinel*`` key is removed, by
+    :func:`~sentinel_vllm.serving.api.response.strip_client_keys`), or the headers
+    ``X-Sentinel-Slice`` and ``X-Sentinel: off``.
+    """
+    body, mine = strip_client_keys(body)
+    off = str(mine.get(XARG_OPT, headers.get("x-sentinel", ""))).lower() in ("false", "0", "off")
+    return body, not off, mine.get(XARG_SLICE, headers.get("x-sentinel-slice"))
