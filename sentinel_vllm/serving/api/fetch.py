@@ -2,8 +2,9 @@
 
 Finished requests are collected for a few milliseconds; then ONE
 ``collective_rpc("sentinel_fetch")`` fetches all of them from the worker
-(:mod:`sentinel_vllm.serving.worker.extension`; with tensor parallelism rank 0 answers, the
-other ranks return empty), the ONNX sentinel scores the batch in a thread (never
+(:mod:`sentinel_vllm.serving.worker.extension`) of every engine (with data parallelism
+each engine answers for the requests it served; with tensor parallelism rank 0
+answers and the other ranks return empty), the ONNX sentinel scores the batch in a thread (never
 on the event loop), the metrics are updated, and each waiting response gets its
 blocks. Requests whose statistics do not arrive in time get an error block and
 their worker state is discarded.
@@ -17,11 +18,45 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from sentinel_vllm.serving.api.scoring import SentinelScorer, error_block
-from sentinel_vllm.serving.contract import RPC_DISCARD, RPC_FETCH, RPC_TRAJECTORIES, first_answer
+from sentinel_vllm.serving.contract import RPC_DISCARD, RPC_FETCH, RPC_TRAJECTORIES, merge_answers
 
-__all__ = ["BatchFetcher"]
+__all__ = ["BatchFetcher", "engine_rpc"]
 
 log = logging.getLogger("sentinel_vllm.serving")
+
+
+def engine_rpc(engine_client):
+    """``async rpc(method, args) -> list``: a worker RPC answered by EVERY engine of this client.
+
+    With ``--data-parallel-size N`` the API server's client drives several engine
+    processes, each holding the state of the requests it served; vLLM's
+    ``collective_rpc`` reaches one of them (vLLM 0.32 ``core_client.py``:
+    ``AsyncMPClient.call_utility_async`` -> ``self.core_engine``;
+    ``DPLBAsyncMPClient`` asks all and keeps the first answer). So with several
+    engines the RPC goes through ``call_utility_all_async("collective_rpc", ...)``
+    (one answer list per engine) and the lists are joined: one answer per worker
+    of every engine, for :func:`~sentinel_vllm.serving.contract.merge_answers`.
+    With one engine (or a client without that method) it is ``collective_rpc``.
+
+    Parameters
+    ----------
+    engine_client : vllm.v1.engine.async_llm.AsyncLLM
+        ``app.state.engine_client``.
+    """
+    core = getattr(engine_client, "engine_core", None)
+    call_all = getattr(core, "call_utility_all_async", None)
+    engines = getattr(core, "core_engines", None)
+
+    async def one(method, args):
+        return await engine_client.collective_rpc(method, args=args)
+
+    async def every(method, args):
+        if len(getattr(core, "core_engines", ()) or ()) <= 1:
+            return await one(method, args)
+        per_engine = await call_all("collective_rpc", method, None, tuple(args), None)
+        return [answer for answers in per_engine for answer in (answers or ())]
+
+    return every if call_all is not None and engines is not None else one
 
 
 class BatchFetcher:
@@ -30,7 +65,8 @@ class BatchFetcher:
     Parameters
     ----------
     rpc : async callable ``(method: str, args: tuple) -> list``
-        ``engine_client.collective_rpc`` (one result per worker).
+        One result per worker, of every engine (:func:`engine_rpc`); the answers
+        are merged (:func:`~sentinel_vllm.serving.contract.merge_answers`).
     scorer : SentinelScorer
     metrics : SentinelMetrics or None
     batch_delay_s, timeout_s : float
@@ -79,13 +115,13 @@ class BatchFetcher:
             try:
                 if self.return_trajectory:  # before fetch: fetch releases the state
                     self.rpc_calls += 1
-                    tr = first_answer(await self.rpc(RPC_TRAJECTORIES, (ids,))) or {}
+                    tr = merge_answers(await self.rpc(RPC_TRAJECTORIES, (ids,))) or {}
                     for sid in ids:
                         for t in tr.get(sid) or ():
                             series = (t.get("series") or {}).get(self.scorer.series)
                             self._pending[sid]["traj"][int(t.get("child", 0))] = series
                 self.rpc_calls += 1
-                res = first_answer(await self.rpc(RPC_FETCH, (ids,))) or {}
+                res = merge_answers(await self.rpc(RPC_FETCH, (ids,))) or {}
             except Exception as exc:  # noqa: BLE001
                 self._fail(ids, f"sentinel fetch failed: {type(exc).__name__}: {exc}", "rpc")
                 continue

@@ -44,7 +44,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 
-from sentinel_vllm.serving.api.fetch import BatchFetcher
+from sentinel_vllm.serving.api.fetch import BatchFetcher, engine_rpc
 from sentinel_vllm.serving.api.response import (
     SENTINEL_PATHS,
     new_sentinel_id,
@@ -53,7 +53,13 @@ from sentinel_vllm.serving.api.response import (
 )
 from sentinel_vllm.serving.api.rewriter import ResponseRewriter
 from sentinel_vllm.serving.api.scoring import SentinelScorer, error_block
-from sentinel_vllm.serving.contract import CONFIG_ENV, RPC_STATS, SENTINEL_ENV, XARG_FAULT, first_answer
+from sentinel_vllm.serving.contract import (
+    CONFIG_ENV,
+    RPC_STATS,
+    SENTINEL_ENV,
+    XARG_FAULT,
+    merge_answers,
+)
 
 __all__ = ["ServerConfig", "SentinelMiddleware", "CONFIG_ENV"]
 
@@ -161,10 +167,7 @@ class _State:
             drift_margin=cfg.drift_margin, min_samples=cfg.min_samples,
         )
 
-        async def rpc(method, args):
-            return await engine.collective_rpc(method, args=args)
-
-        self.rpc = rpc
+        self.rpc = rpc = engine_rpc(engine)  # every engine's workers (data parallel)
         self.fetcher = BatchFetcher(rpc, mw.scorer, self.metrics, batch_delay_s=cfg.batch_delay_s,
                                     timeout_s=cfg.fetch_timeout_s,
                                     return_trajectory=cfg.return_trajectory)
@@ -253,7 +256,7 @@ class SentinelMiddleware:
 
     async def _stats(self, scope, send) -> None:
         try:
-            stats = first_answer(await self.state(scope).rpc(RPC_STATS, ())) or {}
+            stats = merge_answers(await self.state(scope).rpc(RPC_STATS, ())) or {}
             status, body = 200, {"sentinel": self.scorer.id, "worker": stats,
                                  "api": {"discarded": self.discarded}}
         except Exception as exc:  # noqa: BLE001
