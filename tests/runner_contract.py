@@ -83,7 +83,9 @@ def check_runner(use_v2: bool, vllm_config) -> None:
 
 def v1_class_rejected_by_mrv2() -> str:
     """The error MRV2's loader raises for the V1-only class (the failure the launcher avoids)."""
-    from vllm.v1.worker.gpu.sample.logits_processor import build_custom_logits_processors_params_validator
+    from vllm.v1.worker.gpu.sample.logits_processor import (
+        build_custom_logits_processors_params_validator,
+    )
 
     try:
         build_custom_logits_processors_params_validator([V1_PROCESSOR])
