@@ -1,0 +1,143 @@
+"""Load: 1,000 streamed ``n = 2`` requests at concurrency 64 against ``sentinel-vllm serve`` (SmolLM2).
+
+Marked ``slow`` and ``load`` (its own CI stage: ``pytest -m load``; about 10-20
+minutes on 2 cores). Each request streams with ``include_usage`` and
+``return_token_ids``, ``max_tokens`` drawn from 8..64. Checks: every choice's
+finish chunk carries a block (or an error block), ``n_steps`` equals the tokens
+of that choice and the blocks' sum equals ``usage.completion_tokens``; the JSON is
+standard; afterwards the worker holds no state (``active == parked == 0``, every
+slot free) and the server's resident memory (API server + engine, all processes)
+grew by at most 10 % + 64 MiB from the first 200 requests to the end.
+``SENTINEL_LOAD_REQUESTS`` changes the count (default 1000).
+"""
+
+import asyncio
+import json
+import os
+import random
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.load]
+
+pytest.importorskip("vllm")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("psutil")
+
+from e2e_helpers import (  # noqa: E402
+    CPU_FLAGS,
+    MODEL,
+    START_TIMEOUT_S,
+    have_model,
+    record,
+    rss_bytes,
+    strict_json,
+    worker_stats,
+)
+from sentinel_vllm.demo import free_port, start_server, stop_server  # noqa: E402
+from serving_helpers import make_tiny_sentinel  # noqa: E402
+
+if not have_model():
+    pytest.skip(f"no SmolLM2 folder at {MODEL}", allow_module_level=True)
+
+N_REQUESTS = int(os.environ.get("SENTINEL_LOAD_REQUESTS", "1000"))
+CONCURRENCY = 64
+WARM = min(200, N_REQUESTS // 5)
+RSS_MARGIN = (0.10, 64 << 20)  # relative, absolute
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("load")
+    sid = make_tiny_sentinel(tmp / "s.onnx")[0]
+    port = free_port()
+    extra = [*CPU_FLAGS, "--max-num-seqs", "128", "--sentinel-replica", "load"]
+    try:
+        proc = start_server(str(MODEL), str(tmp / "s.onnx"), port, str(tmp / "server.log"),
+                            max_model_len=512, extra=extra, timeout_s=START_TIMEOUT_S)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield {"base": f"http://127.0.0.1:{port}", "sentinel_id": sid, "pid": proc.pid}
+    finally:
+        stop_server(proc)
+
+
+async def _one(client, i, rng):
+    body = {"model": str(MODEL), "n": 2, "stream": True, "max_tokens": rng.randint(8, 64),
+            "temperature": 0.9, "seed": i, "return_token_ids": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": f"Tell me fact number {i} about rivers."}],
+            "vllm_xargs": {"sentinel_slice": "load"}}
+    chunks = []
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                chunks.append(line[6:])
+    assert chunks[-1] == "[DONE]"
+    return [strict_json(c) for c in chunks[:-1]]
+
+
+def _check(chunks, sid):
+    tokens, blocks = {0: 0, 1: 0}, {}
+    for ch in chunks[:-1]:
+        assert ch["choices"], "only the usage chunk may have no choices"
+        for c in ch["choices"]:
+            tokens[c["index"]] += len(c.get("token_ids") or [])
+            if c.get("finish_reason") is not None:
+                assert c["index"] not in blocks
+                blocks[c["index"]] = c["sentinel"]
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and sorted(blocks) == [0, 1]
+    errors = 0
+    for i, b in blocks.items():
+        if "error" in b:
+            errors += 1
+            continue
+        assert b["n_steps"] == tokens[i] and b["model"] == sid and 0.0 <= b["p_correct"] <= 1.0
+    if not errors:
+        assert sum(b["n_steps"] for b in blocks.values()) == usage["completion_tokens"]
+    return errors, usage["completion_tokens"]
+
+
+def test_load_streams_n2(server):
+    base, sid, rng = server["base"], server["sentinel_id"], random.Random(3)
+    rss = {}
+
+    async def run():
+        limits = httpx.Limits(max_connections=CONCURRENCY)
+        async with httpx.AsyncClient(base_url=base, timeout=1800, limits=limits) as c:
+            sem, done = asyncio.Semaphore(CONCURRENCY), [0]
+
+            async def one(i):
+                async with sem:
+                    out = await _one(c, i, rng)
+                done[0] += 1
+                if done[0] == WARM:
+                    rss["warm"] = rss_bytes(server["pid"])
+                return out
+
+            return await asyncio.gather(*(one(i) for i in range(N_REQUESTS)))
+
+    t0 = time.perf_counter()
+    results = asyncio.run(run())
+    wall = time.perf_counter() - t0
+    errors, tokens = 0, 0
+    for chunks in results:
+        e, t = _check(chunks, sid)
+        errors, tokens = errors + e, tokens + t
+    stats = worker_stats(base, timeout_s=60)
+    rss["end"] = rss_bytes(server["pid"])
+    assert stats["active"] == 0 and stats["parked"] == 0, stats
+    assert stats["free_slots"] == stats["num_slots"], stats
+    assert errors == 0, f"{errors} error blocks under load"
+    growth = rss["end"] - rss["warm"]
+    assert growth <= RSS_MARGIN[0] * rss["warm"] + RSS_MARGIN[1], rss
+    record("load: streams, n = 2, concurrency 64", requests=N_REQUESTS, faults=0,
+           leaked=stats["active"] + stats["parked"], completion_tokens=tokens,
+           tokens_per_s=round(tokens / wall, 1), wall_s=round(wall, 1),
+           rss_warm_mib=round(rss["warm"] / 2**20), rss_end_mib=round(rss["end"] / 2**20),
+           error_blocks=errors)
+    print(json.dumps({"requests": N_REQUESTS, "wall_s": wall, "tokens": tokens, **rss}))
