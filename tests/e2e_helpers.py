@@ -106,7 +106,9 @@ def launch(cmd, port, log_path, *, env=None, timeout_s=START_TIMEOUT_S):
             pass
         time.sleep(2)
     stop(proc)
-    tail = Path(log_path).read_bytes()[-3000:].decode(errors="replace")
+    lines = Path(log_path).read_bytes().decode(errors="replace").splitlines()
+    causes = [ln for ln in lines if "Error" in ln and "Traceback" not in ln][-8:]
+    tail = "\n".join(["...", *causes, "---", *lines[-25:]])
     raise RuntimeError(f"server did not become healthy (exit code {proc.poll()}); log tail:\n{tail}")
 
 
