@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 
@@ -81,6 +82,10 @@ def simulate(scores, ns, draws: int, seed: int) -> list[dict]:
     return rows
 
 
+def _agg(fn, rs, key) -> float:
+    return float(fn([r[key] for r in rs]))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("traces", nargs="+")
@@ -115,8 +120,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n in ns:
         rs = [r for r in rows if r["n"] == n]
-        m = lambda key: float(np.mean([r[key] for r in rs]))  # noqa: E731
-        lo = lambda key: float(np.min([r[key] for r in rs]))  # noqa: E731
+        m = functools.partial(_agg, np.mean, rs)
+        lo = functools.partial(_agg, np.min, rs)
         print(f"| {n} | {m('ppi_err'):.3f} | {m('ppi_w'):.3f} | {m('ppi_cov'):.3f} ({lo('ppi_cov'):.3f}) "
               f"| {m('wald_w'):.3f} | {m('wald_cov'):.3f} ({lo('wald_cov'):.3f}) "
               f"| {m('lab_err'):.3f} | {m('lab_w'):.3f} | {m('lab_cov'):.3f} ({lo('lab_cov'):.3f}) "

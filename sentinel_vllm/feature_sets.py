@@ -29,15 +29,23 @@ from the worker (see :data:`SERVABLE`).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from sentinel_vllm.features import FEATURE_NAMES, compute_features
 from sentinel_vllm.traces import MissingSeriesError, Trace
 
-__all__ = ["FEATURE_SETS", "SERVABLE", "TAIL", "feature_names", "feature_set_matrix",
-           "length_features", "tail_features", "logprob_features"]
+__all__ = [
+    "FEATURE_SETS",
+    "SERVABLE",
+    "TAIL",
+    "feature_names",
+    "feature_set_matrix",
+    "length_features",
+    "logprob_features",
+    "tail_features",
+]
 
 TAIL = 32
 

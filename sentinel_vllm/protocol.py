@@ -24,15 +24,22 @@ Training compositions (``composition``):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
 from sentinel_vllm.traces import Trace
 
-__all__ = ["trace_temperature", "summarise", "ProtocolResult", "lobo", "extremes_pair",
-           "ROW_COLUMNS", "SUMMARY_COLUMNS"]
+__all__ = [
+    "ROW_COLUMNS",
+    "SUMMARY_COLUMNS",
+    "ProtocolResult",
+    "extremes_pair",
+    "lobo",
+    "summarise",
+    "trace_temperature",
+]
 
 ROW_COLUMNS = ["recipe", "estimator", "held_out", "temperature", "n", "estimated", "true", "aee",
                "train"]
@@ -221,7 +228,7 @@ def lobo(
     factory = classifier_factory or _default_factory(random_state, classifier_params)
     tag = feature_set
     if train_temperatures is not None or test_temperatures is not None:
-        fmt = lambda ts: "all" if ts is None else ",".join(f"{float(t):g}" for t in ts)  # noqa: E731
+        fmt = lambda ts: "all" if ts is None else ",".join(f"{float(t):g}" for t in ts)
         tag += f" T{fmt(train_temperatures)}->T{fmt(test_temperatures)}"
     results = {e: ProtocolResult(f"{composition}/{tag}", e) for e in estimators}
     for b in held_list:

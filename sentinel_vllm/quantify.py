@@ -23,7 +23,7 @@ target slice's P(correct); the sentinel's forest is not refitted.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

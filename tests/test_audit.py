@@ -5,11 +5,17 @@ import math
 
 import numpy as np
 import pytest
+from synthetic import make_traces
 
-from sentinel_vllm.audit import audit_slice, audit_slices, ppi_interval, read_labels, wilson_interval
+from sentinel_vllm.audit import (
+    audit_slice,
+    audit_slices,
+    ppi_interval,
+    read_labels,
+    wilson_interval,
+)
 from sentinel_vllm.cli import main
 from sentinel_vllm.traces import write_traces
-from synthetic import make_traces
 
 Z = 1.959963984540054
 

@@ -5,8 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from sentinel_vllm.feature_sets import (FEATURE_SETS, TAIL, feature_names, feature_set_matrix,
-                                        logprob_features, tail_features)
+from sentinel_vllm.feature_sets import (
+    FEATURE_SETS,
+    TAIL,
+    feature_names,
+    feature_set_matrix,
+    logprob_features,
+    tail_features,
+)
 from sentinel_vllm.features import FEATURE_NAMES, compute_features
 from sentinel_vllm.protocol import extremes_pair, lobo, summarise, trace_temperature
 from sentinel_vllm.quantify import fit_quantifiers
@@ -16,11 +22,8 @@ from sentinel_vllm.traces import MissingSeriesError, Trace
 class MeanClassifier:
     """P(correct) = training accuracy for every response: estimates are hand-computable."""
 
-    fitted_on = []
-
     def fit(self, X, y):
         self.p = float(np.mean(y))
-        MeanClassifier.fitted_on.append(len(y))
         return self
 
     def predict_proba(self, X):
@@ -183,9 +186,10 @@ def test_lobo_real_classifier_on_synthetic_traces():
 def test_evaluate_protocol_lobo_cli(tmp_path, capsys):
     import csv
 
+    from synthetic import SLICES, make_traces
+
     from sentinel_vllm.cli import main
     from sentinel_vllm.traces import write_traces
-    from synthetic import SLICES, make_traces
 
     f = tmp_path / "t.jsonl"
     three = {k: v for k, v in SLICES.items() if k != "mixed"}
@@ -210,10 +214,11 @@ def test_evaluate_protocol_lobo_cli(tmp_path, capsys):
 
 
 def test_train_records_composition_and_temperatures(tmp_path):
+    from synthetic import make_traces
+
     from sentinel_vllm.cli import main
     from sentinel_vllm.sentinel_file import load_sentinel
     from sentinel_vllm.traces import write_traces
-    from synthetic import make_traces
 
     two = {"easy": (8.0, 2.0), "hard": (2.0, 7.0)}
     recs = ([{**r, "temperature": 0.0} for r in make_traces(30, seed=1, slices=two, with_topk=False)]
