@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from sentinel_vllm.cli import _common, _lobo
+from sentinel_vllm.cli import _advise, _common, _lobo
 
 EPILOG = ("examples:\n  sentinel-vllm evaluate traces.jsonl.gz --train gsm8k,ocw --out-dir eval/\n"
           "  sentinel-vllm evaluate traces.jsonl.gz --sweep --out-dir sweep/\n"
@@ -34,6 +34,7 @@ def add_parser(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plots", action="store_true")
     _lobo.add_arguments(p)
+    _advise.add_arguments(p)
     return p
 
 
@@ -45,6 +46,8 @@ def composition_row(c) -> list:
 
 
 def run(args) -> int:
+    if args.advise:
+        return _advise.run(args)
     if args.protocol == "lobo":
         if args.train or args.sweep:
             raise ValueError("--protocol lobo chooses its own training sets; drop --train/--sweep")
