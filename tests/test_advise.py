@@ -27,8 +27,8 @@ def test_advise_hand_computed():
     rows = advise(_traces())
     assert [r["composition"] for r in rows] == [("a", "b"), ("a", "c"), ("b", "c")]
     assert rows[0]["accuracy_spread"] == 1.0 and rows[0]["entropy_coverage"] == 1.0
-    assert rows[0]["score"] == 2.0 and rows[0]["rank"] == 1
-    # (a, c): spread 0.5, entropy range [1, 2] holds a and c of three
+    assert rows[0]["score"] == 1.0 and rows[0]["rank"] == 1
+    # (a, c) and (b, c): spread 0.5, entropy ranges [1, 2] / [2, 3] hold two of three: tie, by name
     assert rows[1]["accuracy_spread"] == 0.5
     assert rows[1]["entropy_coverage"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="at least 4"):
@@ -53,5 +53,5 @@ def test_evaluate_advise_cli(tmp_path, capsys):
     write_traces(f, _traces())
     assert main(["evaluate", str(f), "--advise", "--out-dir", str(tmp_path / "adv")]) == 0
     out = capsys.readouterr().out
-    assert "| 1 | a+b | 1.000 | 1.000 | 2.000 |" in out
+    assert "| 1 | a+b | 1.000 | 1.000 | 1.000 |" in out
     assert (tmp_path / "adv" / "advise.csv").read_text().splitlines()[1].startswith("1,a+b,")

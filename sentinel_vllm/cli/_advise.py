@@ -18,7 +18,8 @@ CHECK_COLUMNS = ["rank", "composition", "median_aee", "mean_aee", "worst_aee", "
 def add_arguments(p) -> None:
     """The options of the composition advice (on the evaluate parser)."""
     p.add_argument("--advise", action="store_true",
-                   help="rank training compositions of --advise-size benchmarks from the traces alone")
+                   help="rank training compositions of --advise-size benchmarks from the traces alone "
+                        "(accuracy spread, ties by entropy-profile coverage)")
     p.add_argument("--advise-size", type=int, default=2)
     p.add_argument("--advise-check", action="store_true",
                    help="with --advise: train every candidate and rank it by its worst AEE on unseen benchmarks")
