@@ -66,7 +66,7 @@ def server(tmp_path_factory):
 
 async def _one(client, i, rng):
     body = {"model": str(MODEL), "n": 2, "stream": True, "max_tokens": rng.randint(8, 64),
-            "temperature": 0.9, "seed": i, "return_token_ids": True,
+            "temperature": 0.9, "return_token_ids": True,  # no seed: see test_faults_engine._body
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": f"Tell me fact number {i} about rivers."}],
             "vllm_xargs": {"sentinel_slice": "load"}}
