@@ -161,18 +161,18 @@ def test_bad_logits_flagged_and_batch_unaffected(server, kind):
     b = bad["sentinel"]
     print("bad logits", kind, json.dumps({k: v for k, v in b.items() if k != "trajectory"}),
           "completion_tokens", bad["usage"]["completion_tokens"])
-    # flagged: every step was corrupted, every step is counted as non-finite, none as a step.
-    # OPEN FINDING (scoring): such a block still carries a p_correct computed from all-zero
-    # features (0.76 with the test sentinel) and is counted as scored in /metrics.
-    assert "error" in b or (b["nan_steps"] == bad["usage"]["completion_tokens"]
-                            and b["n_steps"] == 0), b
+    # flagged: every step was corrupted, so there is no trajectory to score: an error block
+    # naming all the request's steps, never a p_correct from all-zero statistics.
+    assert b.get("reason") == "nonfinite" and "p_correct" not in b, b
+    assert f"all {bad['usage']['completion_tokens']} decode steps" in b["error"], b
     off = sum(_check_recomputed(out, server["sentinel_id"]) for out in outs)  # the other rows
     again = asyncio.run(_post_all(base, [_body(7, max_tokens=4)]))[0]  # still serving
     _check_recomputed(again, server["sentinel_id"])
     stats = worker_stats(base)
     assert stats["active"] == 0 and stats["parked"] == 0, stats
     record(f"bad logits ({kind})", requests=5, faults=1, leaked=stats["active"] + stats["parked"],
-           flagged=f"nan_steps {b.get('nan_steps', 0)} of {bad['usage']['completion_tokens']}",
+           flagged=f"error block ({b['reason']}), {bad['usage']['completion_tokens']} of "
+                   f"{bad['usage']['completion_tokens']} steps non-finite",
            clean_steps=sum(o["usage"]["completion_tokens"] for o in outs), clean_steps_off_by_gt_1e4=off)
 
 

@@ -157,3 +157,17 @@ def test_offline_attach_never_raises(tiny, answer):
     llm._attach(outs, ["id-0"], "s")
     blocks = [c.sentinel for c in outs[0].outputs]
     assert all("error" in b and b["slice"] == "s" for b in blocks), blocks
+
+
+def test_all_nonfinite_steps_is_an_error_not_a_score(tiny):
+    """A response whose every step had NaN/inf logits has zero statistics: no p_correct."""
+    path, parts = tiny
+    sc = SentinelScorer.from_path(path)
+    all_bad = {"child": 0, "n_steps": 0, "nan_steps": 8, "truncated": False,
+               "features": {"full": [0.0] * 11}}
+    some_bad = {**_sample([0.5, 1.5, 0.7]), "nan_steps": 1}  # n_steps counts finite steps
+    out = sc.score([all_bad, some_bad], ["s", "s"])
+    assert out[0].reason == "nonfinite" and "all 8 decode steps" in out[0].block["error"]
+    assert out[1].reason is None and out[1].block["nan_steps"] == 1
+    assert out[1].block["p_correct"] == pytest.approx(
+        reference_p(parts, [compute_features([0.5, 1.5, 0.7])])[0], abs=1e-12)

@@ -239,6 +239,9 @@ class SentinelScorer:
                 f"expected {len(FEATURE_NAMES)} features, got {len(row)}", "internal")
         if not all(math.isfinite(v) for v in row):
             raise _SampleError("non-finite trajectory statistics", "nonfinite")
+        if nan_steps > 0 and n_steps == 0:  # statistics of no finite step: all zeros
+            raise _SampleError(f"all {nan_steps} decode steps had non-finite logits: no entropy "
+                               "trajectory to score", "nonfinite")
         return row, n_steps, nan_steps, bool(truncated)
 
     def _block(self, sample: tuple, x: np.ndarray, p: float, slice_label: str) -> ScoredSample:
