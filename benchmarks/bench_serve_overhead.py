@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from sentinel_vllm.cpu_defaults import small_server_args
-from sentinel_vllm.demo import free_port, stop_server
+from sentinel_vllm.demo import free_port, launch, stop_server
 
 
 def server_cmd(variant: str, model: str, port: int, flags: list[str]) -> list[str]:
@@ -47,23 +47,7 @@ def server_cmd(variant: str, model: str, port: int, flags: list[str]) -> list[st
 
 def start(cmd: list[str], port: int, log_path: str, timeout_s: float = 1200.0):
     """Start a server in its own process group; wait for /health."""
-    import subprocess
-    import urllib.error
-    import urllib.request
-
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(2)
-    stop_server(proc)
-    raise RuntimeError(f"{cmd[:5]} did not start; see {log_path}")
+    return launch(cmd, port, log_path, timeout_s=timeout_s)
 
 
 async def workload(base: str, model: str, n: int, concurrency: int, max_tokens: int):

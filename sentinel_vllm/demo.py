@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["run_demo", "start_server", "stop_server", "free_port", "chat"]
+__all__ = ["run_demo", "start_server", "launch", "stop_server", "free_port", "chat"]
 
 
 def free_port() -> int:
@@ -59,13 +59,38 @@ def start_server(model: str, sentinel: str, port: int, log_path: str, *, max_mod
     cmd = [sys.executable, "-m", "sentinel_vllm", "serve", model, "--sentinel", sentinel,
            "--port", str(port), "--host", "127.0.0.1", "--max-model-len", str(max_model_len),
            "--gpu-memory-utilization", str(gpu_memory_utilization), *extra]
+    return launch(cmd, port, log_path, env=env, timeout_s=timeout_s)
+
+
+def launch(cmd: list[str], port: int, log_path, *, env: dict | None = None,
+           timeout_s: float = 600.0) -> subprocess.Popen:
+    """Run a server command in its own process group and wait until ``/health`` answers.
+
+    The one way the demo, the tests and the benchmarks start a server (vLLM's own
+    or ``sentinel-vllm serve``). Stop it with :func:`stop_server`.
+
+    Parameters
+    ----------
+    cmd : list of str
+    port : int
+        Loopback port the server listens on.
+    log_path : path
+        Its stdout and stderr.
+    env : dict, optional
+        The child's environment (default this process's).
+    timeout_s : float
+
+    Raises
+    ------
+    RuntimeError
+        If the server exits or is not healthy within ``timeout_s`` seconds (the
+        message ends with the error lines and the last lines of its log).
+    """
     with open(log_path, "wb") as log:  # the child keeps its own handle
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                 if r.status == 200:
@@ -75,7 +100,9 @@ def start_server(model: str, sentinel: str, port: int, log_path: str, *, max_mod
         time.sleep(2)
     stop_server(proc)
     with open(log_path, "rb") as fh:
-        tail = fh.read()[-3000:].decode(errors="replace")
+        lines = fh.read().decode(errors="replace").splitlines()
+    causes = [ln for ln in lines if "Error" in ln and "Traceback" not in ln][-8:]
+    tail = "\n".join(["...", *causes, "---", *lines[-25:]])
     raise RuntimeError(f"server did not become healthy (exit code {proc.poll()}); log tail:\n{tail}")
 
 

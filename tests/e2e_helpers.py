@@ -86,30 +86,12 @@ def rss_bytes(pid) -> int:
 def launch(cmd, port, log_path, *, env=None, timeout_s=START_TIMEOUT_S):
     """Start a server command (own process group) and wait for ``/health``; returns the Popen.
 
-    Stop it with :func:`stop`. Raises RuntimeError with the log's tail if it dies or
-    never gets healthy.
+    :func:`sentinel_vllm.demo.launch` with ``env`` added to this process's environment
+    and the suite's start timeout. Stop it with :func:`stop`.
     """
-    import subprocess
-    import urllib.error
-    import urllib.request
+    from sentinel_vllm.demo import launch as demo_launch
 
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})})
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(2)
-    stop(proc)
-    lines = Path(log_path).read_bytes().decode(errors="replace").splitlines()
-    causes = [ln for ln in lines if "Error" in ln and "Traceback" not in ln][-8:]
-    tail = "\n".join(["...", *causes, "---", *lines[-25:]])
-    raise RuntimeError(f"server did not become healthy (exit code {proc.poll()}); log tail:\n{tail}")
+    return demo_launch(cmd, port, log_path, env={**os.environ, **(env or {})}, timeout_s=timeout_s)
 
 
 def stop(proc, timeout_s=60.0):
