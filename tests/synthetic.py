@@ -1,4 +1,4 @@
-"""Synthetic traces whose correctness depends on entropy (for tests only).
+"""Synthetic traces whose correctness depends on entropy, and a hand-computable classifier (for tests only).
 
 Each response has a latent confidence c ~ Beta(a_s, b_s) that depends on its
 slice; it is correct with probability c, and its entropy trajectory is drawn so
@@ -30,3 +30,14 @@ def make_traces(n_per_slice=500, seed=0, slices=SLICES, k=20, with_topk=True):
                 rec["entropy"]["top5"] = (full * 0.5).round(6).tolist()
             out.append(rec)
     return out
+
+
+class MeanClassifier:
+    """P(correct) = training accuracy for every response: estimates are hand-computable."""
+
+    def fit(self, X, y):
+        self.p = float(np.mean(y))
+        return self
+
+    def predict_proba(self, X):
+        return np.column_stack([np.full(len(X), 1 - self.p), np.full(len(X), self.p)])

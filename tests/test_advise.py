@@ -1,19 +1,10 @@
 """Composition advice: hand-computed ranking and protocol check on tiny traces."""
 
-import numpy as np
 import pytest
+from synthetic import MeanClassifier
 
 from sentinel_vllm.advise import advise, check_advice
 from sentinel_vllm.traces import Trace
-
-
-class MeanClassifier:
-    def fit(self, X, y):
-        self.p = float(np.mean(y))
-        return self
-
-    def predict_proba(self, X):
-        return np.column_stack([np.full(len(X), 1 - self.p), np.full(len(X), self.p)])
 
 
 def _traces():

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from synthetic import MeanClassifier
 
 from sentinel_vllm.feature_sets import (
     FEATURE_SETS,
@@ -17,17 +18,6 @@ from sentinel_vllm.features import FEATURE_NAMES, compute_features
 from sentinel_vllm.protocol import extremes_pair, lobo, summarise, trace_temperature
 from sentinel_vllm.quantify import fit_quantifiers
 from sentinel_vllm.traces import MissingSeriesError, Trace
-
-
-class MeanClassifier:
-    """P(correct) = training accuracy for every response: estimates are hand-computable."""
-
-    def fit(self, X, y):
-        self.p = float(np.mean(y))
-        return self
-
-    def predict_proba(self, X):
-        return np.column_stack([np.full(len(X), 1 - self.p), np.full(len(X), self.p)])
 
 
 def _traces(spec, temperature=None):
