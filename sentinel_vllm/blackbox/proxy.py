@@ -139,7 +139,7 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
     from starlette.responses import Response, StreamingResponse
     from starlette.routing import Route
 
-    from sentinel_vllm.serving.api.metrics import SentinelMetrics
+    from sentinel_vllm.serving.api.metrics import SentinelMetrics, metrics_options
     from sentinel_vllm.serving.api.response import attach_blocks
     from sentinel_vllm.serving.api.scoring import error_block
 
@@ -162,15 +162,8 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
     metrics = SentinelMetrics(
         model=config.model_label or httpx.URL(base).netloc.decode(),
         sentinel_id=scorer.id,
-        replica=config.replica,
-        slices=config.slices,
-        max_slices=config.max_slices,
-        window_count=config.window_count,
-        window_seconds=config.window_seconds,
-        baseline=config.baseline,
-        drift_margin=config.drift_margin,
-        min_samples=config.min_samples,
         registry=registry,
+        **metrics_options(config),
     )
     timeout = httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s)
     # keep-alive below uvicorn's 5 s (vLLM's server): never reuse a connection the upstream closes

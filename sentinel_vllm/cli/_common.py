@@ -1,4 +1,4 @@
-"""Arguments and I/O shared by the trace-reading subcommands."""
+"""Arguments and I/O shared by the subcommands (trace readers; ``serve`` and ``proxy``)."""
 
 from __future__ import annotations
 
@@ -56,3 +56,17 @@ def markdown_table(header: list[str], rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def metrics_args(ns) -> dict:
+    """The ``--sentinel-*`` metrics options of ``serve`` and ``proxy`` as config fields.
+
+    Keys are :data:`sentinel_vllm.serving.api.metrics.METRICS_OPTIONS`;
+    ``--sentinel-slices A,B`` becomes a list, a ``--sentinel-window-seconds`` of 0 None.
+    """
+    slices = [s.strip() for s in ns.sentinel_slices.split(",") if s.strip()] \
+        if ns.sentinel_slices else None
+    return {"replica": ns.sentinel_replica, "slices": slices, "max_slices": ns.sentinel_max_slices,
+            "window_count": ns.sentinel_window, "window_seconds": ns.sentinel_window_seconds or None,
+            "baseline": ns.sentinel_baseline, "drift_margin": ns.sentinel_drift_margin,
+            "min_samples": ns.sentinel_min_samples}

@@ -86,12 +86,8 @@ def add_parser(sub):
 def build_config(args):
     """:class:`~sentinel_vllm.blackbox.proxy.ProxyConfig` from parsed options."""
     from sentinel_vllm.blackbox.proxy import ProxyConfig
+    from sentinel_vllm.cli._common import metrics_args
 
-    slices = (
-        [s.strip() for s in args.sentinel_slices.split(",") if s.strip()]
-        if args.sentinel_slices
-        else None
-    )
     return ProxyConfig(
         upstream=args.upstream,
         sentinel=args.sentinel,
@@ -103,14 +99,7 @@ def build_config(args):
         timeout_s=args.timeout,
         connect_timeout_s=args.connect_timeout,
         model_label=args.model_label,
-        slices=slices,
-        max_slices=args.sentinel_max_slices,
-        window_count=args.sentinel_window,
-        window_seconds=args.sentinel_window_seconds or None,
-        baseline=args.sentinel_baseline,
-        drift_margin=args.sentinel_drift_margin,
-        min_samples=args.sentinel_min_samples,
-        replica=args.sentinel_replica,
+        **metrics_args(args),
     )
 
 

@@ -90,6 +90,7 @@ def build_config(ns):
     ValueError
         An unusable sentinel file, baseline file or option value.
     """
+    from sentinel_vllm.cli._common import metrics_args
     from sentinel_vllm.serving.api.metrics import load_baseline
     from sentinel_vllm.serving.api.middleware import ServerConfig
     from sentinel_vllm.serving.api.scoring import SentinelScorer, resolve_sentinel_path
@@ -103,16 +104,10 @@ def build_config(ns):
     for opt in ("sentinel_max_slices", "sentinel_window", "sentinel_min_samples"):
         if getattr(ns, opt) < 1:
             raise ValueError(f"--{opt.replace('_', '-')} must be >= 1")
-    slices = [s.strip() for s in ns.sentinel_slices.split(",") if s.strip()] \
-        if ns.sentinel_slices else None
-    cfg = ServerConfig(
-        sentinel=os.path.abspath(path), slices=slices, max_slices=ns.sentinel_max_slices,
-        drift_margin=ns.sentinel_drift_margin,
-        baseline=os.path.abspath(ns.sentinel_baseline) if ns.sentinel_baseline else None,
-        replica=ns.sentinel_replica, window_count=ns.sentinel_window,
-        window_seconds=ns.sentinel_window_seconds or None, min_samples=ns.sentinel_min_samples,
-        return_trajectory=ns.sentinel_return_trajectory,
-        fault_injection=ns.sentinel_fault_injection)
+    opts = metrics_args(ns)
+    opts["baseline"] = os.path.abspath(ns.sentinel_baseline) if ns.sentinel_baseline else None
+    cfg = ServerConfig(sentinel=os.path.abspath(path), return_trajectory=ns.sentinel_return_trajectory,
+                       fault_injection=ns.sentinel_fault_injection, **opts)
     return cfg, scorer
 
 

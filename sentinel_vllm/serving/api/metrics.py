@@ -68,6 +68,8 @@ __all__ = [
     "SlidingWindow",
     "SentinelMetrics",
     "load_baseline",
+    "metrics_options",
+    "METRICS_OPTIONS",
     "ERROR_REASONS",
     "DEFAULT_SLICE",
     "OTHER_SLICE",
@@ -78,6 +80,10 @@ OTHER_SLICE = "other"
 MAX_LABEL_LEN = 64
 # Error reasons are a closed set so the error counter's cardinality is bounded.
 ERROR_REASONS = ("fetch_timeout", "rpc", "scoring", "missing_series", "nonfinite", "internal")
+#: The :class:`SentinelMetrics` options that ``ServerConfig`` and ``ProxyConfig`` carry under
+#: these names (``serve`` and ``proxy`` read them from the same ``--sentinel-*`` options).
+METRICS_OPTIONS = ("replica", "slices", "max_slices", "window_count", "window_seconds", "baseline",
+                   "drift_margin", "min_samples")
 P_CORRECT_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 20)) + (1.0, float("inf"))
 ENTROPY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, float("inf"))
 
@@ -197,6 +203,11 @@ def load_baseline(path_or_mapping) -> dict[str, float]:
             raise ValueError(f"baseline for slice {name!r} must be a number in [0, 1], got {val!r}")
         out[str(name)] = float(val)
     return out
+
+
+def metrics_options(config) -> dict:
+    """The :data:`METRICS_OPTIONS` of a config object, as keyword arguments of :class:`SentinelMetrics`."""
+    return {name: getattr(config, name) for name in METRICS_OPTIONS}
 
 
 class SentinelMetrics:

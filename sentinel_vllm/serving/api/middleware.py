@@ -146,7 +146,7 @@ class _State:
     """Per-process objects created on the first request (they need the engine client)."""
 
     def __init__(self, mw: "SentinelMiddleware", app_state):
-        from sentinel_vllm.serving.api.metrics import SentinelMetrics
+        from sentinel_vllm.serving.api.metrics import SentinelMetrics, metrics_options
 
         cfg = mw.config
         engine = getattr(app_state, "engine_client", None)
@@ -160,12 +160,7 @@ class _State:
                 pass
         model = _served_name(mc)
         factory = mw.metrics_factory or SentinelMetrics
-        self.metrics = factory(
-            model=model, sentinel_id=mw.scorer.id, replica=cfg.replica, slices=cfg.slices,
-            max_slices=cfg.max_slices, window_count=cfg.window_count,
-            window_seconds=cfg.window_seconds, baseline=cfg.baseline,
-            drift_margin=cfg.drift_margin, min_samples=cfg.min_samples,
-        )
+        self.metrics = factory(model=model, sentinel_id=mw.scorer.id, **metrics_options(cfg))
 
         self.rpc = rpc = engine_rpc(engine)  # every engine's workers (data parallel)
         self.fetcher = BatchFetcher(rpc, mw.scorer, self.metrics, batch_delay_s=cfg.batch_delay_s,
