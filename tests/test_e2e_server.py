@@ -25,36 +25,22 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("vllm")
 httpx = pytest.importorskip("httpx")
 
-from sentinel_vllm.demo import free_port, start_server, stop_server  # noqa: E402
+from e2e_helpers import MODEL, require_model, sentinel_server, stream_chunks  # noqa: E402
 from sentinel_vllm.features import FEATURE_NAMES, compute_features  # noqa: E402
-from serving_helpers import make_tiny_sentinel  # noqa: E402
 
-MODEL = Path(os.environ.get("SENTINEL_VLLM_CACHE") or Path.home() / ".cache" / "sentinel-vllm") / "models" / "smollm2-135m-instruct"
-if not (MODEL / "config.json").is_file():
-    pytest.skip(f"no SmolLM2 folder at {MODEL} (`sentinel-vllm models fetch smollm2-135m`)",
-                allow_module_level=True)
+require_model()
 
 START_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    sentinel = tmp / "s.onnx"
-    sid = make_tiny_sentinel(sentinel)[0]
-    port = free_port()
     extra = ["--max-logprobs", "-1", "--sentinel-slices", "a,b", "--sentinel-return-trajectory",
              "--sentinel-fault-injection", "--sentinel-replica", "e2e"]
-    try:
-        proc = start_server(str(MODEL), str(sentinel), port, str(tmp / "server.log"),
-                            max_model_len=1024, extra=extra, timeout_s=START_TIMEOUT_S,
-                            gpu_memory_utilization=float(os.environ.get("SENTINEL_E2E_MEM", "0.15")))
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
-    try:
-        yield {"base": f"http://127.0.0.1:{port}", "sentinel_id": sid, "log": tmp / "server.log"}
-    finally:
-        stop_server(proc)
+    with sentinel_server(tmp_path_factory.mktemp("e2e"), extra=extra, max_model_len=1024,
+                         timeout_s=START_TIMEOUT_S,
+                         gpu_memory_utilization=float(os.environ.get("SENTINEL_E2E_MEM", "0.15"))) as srv:
+        yield srv
 
 
 def _tail(path, n=40):
@@ -85,15 +71,8 @@ async def _post(client, body):
     return r.json()
 
 
-async def _stream(client, body):
-    chunks = []
-    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        assert r.status_code == 200
-        async for line in r.aiter_lines():
-            if line.startswith("data: "):
-                chunks.append(line[6:])
-    assert chunks[-1] == "[DONE]"
-    return [json.loads(c) for c in chunks[:-1]]
+def _stream(client, body):
+    return stream_chunks(client, body, loads=json.loads)
 
 
 async def _abort(client, body):

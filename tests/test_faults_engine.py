@@ -40,11 +40,11 @@ httpx = pytest.importorskip("httpx")
 from e2e_helpers import (  # noqa: E402
     CPU_FLAGS,
     MODEL,
-    have_model,
     launch,
     metric,
     record,
-    stop,
+    require_model,
+    running,
     strict_json,
     worker_stats,
 )
@@ -59,8 +59,7 @@ from sentinel_vllm.serving.contract import (  # noqa: E402
 )
 from serving_helpers import make_tiny_sentinel  # noqa: E402
 
-if not have_model():
-    pytest.skip(f"no SmolLM2 folder at {MODEL}", allow_module_level=True)
+require_model()
 
 TESTS = Path(__file__).resolve().parent
 LONG = ("Here is a short story about a lighthouse keeper who lived alone on a rocky island, "
@@ -83,14 +82,8 @@ def server(tmp_path_factory):
            "--worker-extension-cls", WORKER_EXTENSION, "--middleware", MIDDLEWARE]
     env = {CONFIG_ENV: cfg.to_env(),
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    try:
-        proc = launch(cmd, port, tmp / "server.log", env=env)
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
-    try:
+    with running(lambda: launch(cmd, port, tmp / "server.log", env=env)):
         yield {"base": f"http://127.0.0.1:{port}", "sentinel_id": sid, "log": tmp / "server.log"}
-    finally:
-        stop(proc)
 
 
 def _body(i, **kw):

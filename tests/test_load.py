@@ -28,18 +28,15 @@ pytest.importorskip("psutil")
 from e2e_helpers import (  # noqa: E402
     CPU_FLAGS,
     MODEL,
-    START_TIMEOUT_S,
-    have_model,
     record,
+    require_model,
     rss_bytes,
-    strict_json,
+    sentinel_server,
+    stream_chunks,
     worker_stats,
 )
-from sentinel_vllm.demo import free_port, start_server, stop_server  # noqa: E402
-from serving_helpers import make_tiny_sentinel  # noqa: E402
 
-if not have_model():
-    pytest.skip(f"no SmolLM2 folder at {MODEL}", allow_module_level=True)
+require_model()
 
 N_REQUESTS = int(os.environ.get("SENTINEL_LOAD_REQUESTS", "1000"))
 CONCURRENCY = 64
@@ -49,19 +46,9 @@ RSS_MARGIN = (0.10, 64 << 20)  # relative, absolute
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("load")
-    sid = make_tiny_sentinel(tmp / "s.onnx")[0]
-    port = free_port()
     extra = [*CPU_FLAGS, "--max-num-seqs", "128", "--sentinel-replica", "load"]
-    try:
-        proc = start_server(str(MODEL), str(tmp / "s.onnx"), port, str(tmp / "server.log"),
-                            max_model_len=512, extra=extra, timeout_s=START_TIMEOUT_S)
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
-    try:
-        yield {"base": f"http://127.0.0.1:{port}", "sentinel_id": sid, "pid": proc.pid}
-    finally:
-        stop_server(proc)
+    with sentinel_server(tmp_path_factory.mktemp("load"), extra=extra, max_model_len=512) as srv:
+        yield srv
 
 
 async def _one(client, i, rng):
@@ -70,14 +57,7 @@ async def _one(client, i, rng):
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": f"Tell me fact number {i} about rivers."}],
             "vllm_xargs": {"sentinel_slice": "load"}}
-    chunks = []
-    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        assert r.status_code == 200
-        async for line in r.aiter_lines():
-            if line.startswith("data: "):
-                chunks.append(line[6:])
-    assert chunks[-1] == "[DONE]"
-    return [strict_json(c) for c in chunks[:-1]]
+    return await stream_chunks(client, body)
 
 
 def _check(chunks, sid):
