@@ -29,6 +29,19 @@ from sentinel_vllm.blackbox.proxy import ProxyConfig, build_app  # noqa: E402
 TIMEOUT_S = 1.0
 
 
+def _serve(upstream, sentinel, registry, **options):
+    """The proxy of ``upstream`` (test timeouts) on a free port: ``(app, server thread)``."""
+    cfg = ProxyConfig(
+        upstream=upstream,
+        sentinel=str(sentinel),
+        timeout_s=TIMEOUT_S,
+        connect_timeout_s=TIMEOUT_S,
+        **options,
+    )
+    app = build_app(cfg, registry=registry)
+    return app, ServerThread(app).start()
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from prometheus_client import CollectorRegistry
@@ -38,17 +51,9 @@ def env(tmp_path_factory):
     make_tiny_sentinel(sentinel, entropy="topk", k=20)
     up = FakeUpstream(slow_s=3 * TIMEOUT_S)
     reg = CollectorRegistry()
-    cfg = ProxyConfig(
-        upstream=up.url + "/v1",
-        sentinel=str(sentinel),
-        timeout_s=TIMEOUT_S,
-        connect_timeout_s=TIMEOUT_S,
-        model_label="fake",
-        replica="t",
-        slices=["a", "b"],
+    app, proxy = _serve(
+        up.url + "/v1", sentinel, reg, model_label="fake", replica="t", slices=["a", "b"]
     )
-    app = build_app(cfg, registry=reg)
-    proxy = ServerThread(app).start()
     try:
         yield {
             "up": up,
@@ -71,7 +76,18 @@ def _post(env, body, path="/v1/chat/completions", **kw):
     return httpx.post(env["proxy"] + path, json=body, timeout=30, **kw)
 
 
+def _stream(env, body):
+    """A streamed chat completion through the proxy (``with _stream(env, body) as r``)."""
+    return httpx.stream("POST", env["proxy"] + "/v1/chat/completions", json=body, timeout=30)
+
+
+def _sdk(env, api_key="good", **kw):
+    return openai.OpenAI(base_url=env["proxy"] + "/v1", api_key=api_key, **kw)
+
+
 def _counter(env, name, **labels):
+    """A metric sample of the module's proxy; its fixed labels (model, sentinel, replica) added."""
+    labels = {"model": "fake", "sentinel": env["scorer"].id, "replica": "t", **labels}
     v = env["reg"].get_sample_value(name, labels)
     return 0.0 if v is None else v
 
@@ -87,14 +103,7 @@ def _same_block(got, want):
 
 
 def test_json_n1_block_and_request_rewrite(env):
-    before = _counter(
-        env,
-        "sentinel_requests_scored_total",
-        model="fake",
-        sentinel=env["scorer"].id,
-        replica="t",
-        slice="a",
-    )
+    before = _counter(env, "sentinel_requests_scored_total", slice="a")
     r = _post(
         env,
         {
@@ -113,14 +122,7 @@ def test_json_n1_block_and_request_rewrite(env):
     assert seen["body"]["vllm_xargs"] == {"other": 1}  # the sentinel keys stay here
     assert seen["headers"]["authorization"] == "Bearer client-key"
     assert seen["headers"]["x-custom"] == "v"
-    after = _counter(
-        env,
-        "sentinel_requests_scored_total",
-        model="fake",
-        sentinel=env["scorer"].id,
-        replica="t",
-        slice="a",
-    )
+    after = _counter(env, "sentinel_requests_scored_total", slice="a")
     assert after == before + 1
 
 
@@ -155,7 +157,7 @@ def test_completions_endpoint(env):
 
 
 def test_openai_sdk_reads_block_json_and_stream(env):
-    client = openai.OpenAI(base_url=env["proxy"] + "/v1", api_key="good")
+    client = _sdk(env)
     r = client.chat.completions.create(
         model="ok",
         messages=[{"role": "user", "content": "hi"}],
@@ -191,7 +193,7 @@ def test_stream_forwarded_before_upstream_finishes(env):
     up.gate.clear()
     body = {"model": "gated", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     got_content_before_gate = False
-    with httpx.stream("POST", env["proxy"] + "/v1/chat/completions", json=body, timeout=30) as r:
+    with _stream(env, body) as r:
         lines = []
         for line in r.iter_lines():
             if line.startswith("data: {") and '"content":"tok0_0"' in line.replace(" ", ""):
@@ -205,38 +207,21 @@ def test_stream_forwarded_before_upstream_finishes(env):
 
 
 def test_upstream_errors_pass_through_untouched(env):
-    errs = _counter(
-        env,
-        "sentinel_errors_total",
-        model="fake",
-        sentinel=env["scorer"].id,
-        replica="t",
-        reason="missing_series",
-    )
+    errs = _counter(env, "sentinel_errors_total", reason="missing_series")
     t0 = time.monotonic()
     r = _post(env, {"model": "fail500", "messages": []})
     assert r.status_code == 500 and r.json()["error"]["message"] == "boom"
     r = _post(env, {"model": "auth", "messages": []}, headers={"Authorization": "Bearer bad"})
     assert r.status_code == 401 and "sentinel" not in r.text
-    client = openai.OpenAI(base_url=env["proxy"] + "/v1", api_key="bad", max_retries=0)
+    client = _sdk(env, "bad", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         client.chat.completions.create(model="auth", messages=[{"role": "user", "content": "x"}])
-    ok = openai.OpenAI(base_url=env["proxy"] + "/v1", api_key="good")
+    ok = _sdk(env)
     r = ok.chat.completions.create(model="auth", messages=[{"role": "user", "content": "x"}])
     assert "p_correct" in r.model_extra["sentinel"]
     assert time.monotonic() - t0 < 10
     # nothing of the sentinel acted on the rejected requests: no error counted for them
-    assert (
-        _counter(
-            env,
-            "sentinel_errors_total",
-            model="fake",
-            sentinel=env["scorer"].id,
-            replica="t",
-            reason="missing_series",
-        )
-        == errs
-    )
+    assert _counter(env, "sentinel_errors_total", reason="missing_series") == errs
 
 
 def test_upstream_without_logprobs_served_with_error_block(env):
@@ -256,7 +241,7 @@ def test_slow_upstream_gives_504_and_stalled_stream_ends(env):
     assert time.monotonic() - t0 < 3 * TIMEOUT_S
     body = {"model": "stall", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     t0 = time.monotonic()
-    with httpx.stream("POST", env["proxy"] + "/v1/chat/completions", json=body, timeout=30) as r:
+    with _stream(env, body) as r:
         text = r.read().decode()
     assert r.status_code == 200 and "event: error" in text and "upstream_timeout" in text
     assert time.monotonic() - t0 < 3 * TIMEOUT_S
@@ -265,14 +250,7 @@ def test_slow_upstream_gives_504_and_stalled_stream_ends(env):
 def test_upstream_down_gives_502(env):
     from prometheus_client import CollectorRegistry
 
-    cfg = ProxyConfig(
-        upstream=f"http://127.0.0.1:{free_port()}",
-        sentinel=str(env["sentinel"]),
-        timeout_s=TIMEOUT_S,
-        connect_timeout_s=TIMEOUT_S,
-    )
-    app = build_app(cfg, registry=CollectorRegistry())
-    srv = ServerThread(app).start()
+    _, srv = _serve(f"http://127.0.0.1:{free_port()}", env["sentinel"], CollectorRegistry())
     try:
         t0 = time.monotonic()
         r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "x", "messages": []})
@@ -335,7 +313,7 @@ def test_sentinel_failure_never_costs_the_response(env, monkeypatch):
         r.json()["sentinel"]["reason"] == "internal" and "injected" in r.json()["sentinel"]["error"]
     )
     body = {"model": "ok", "stream": True, "messages": [{"role": "user", "content": "x"}]}
-    with httpx.stream("POST", env["proxy"] + "/v1/chat/completions", json=body, timeout=30) as r:
+    with _stream(env, body) as r:
         lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
     assert r.status_code == 200 and lines[-1] == "data: [DONE]"
     contents = [
