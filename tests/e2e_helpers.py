@@ -159,7 +159,7 @@ def sentinel_server(tmp, *, extra, max_model_len, timeout_s=START_TIMEOUT_S, **s
 
 
 async def stream_chunks(client, body, loads=strict_json):
-    """POST a streamed chat completion (``httpx.AsyncClient``); its chunks before ``[DONE]``, parsed."""
+    """POST a streamed chat completion; its chunks before ``[DONE]``, parsed with ``loads``."""
     chunks = []
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200

@@ -1,4 +1,4 @@
-"""Synthetic traces whose correctness depends on entropy, and a hand-computable classifier (for tests only).
+"""Synthetic traces whose correctness depends on entropy; a hand-computable classifier (tests only).
 
 Each response has a latent confidence c ~ Beta(a_s, b_s) that depends on its
 slice; it is correct with probability c, and its entropy trajectory is drawn so

@@ -47,7 +47,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     extra = [*CPU_FLAGS, "--api-key", KEY, "--sentinel-return-trajectory", "--max-num-seqs", "64"]
-    with sentinel_server(tmp_path_factory.mktemp("clients"), extra=extra, max_model_len=1024) as srv:
+    tmp = tmp_path_factory.mktemp("clients")
+    with sentinel_server(tmp, extra=extra, max_model_len=1024) as srv:
         yield srv
 
 

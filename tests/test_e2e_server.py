@@ -37,9 +37,9 @@ START_TIMEOUT_S = 600
 def server(tmp_path_factory):
     extra = ["--max-logprobs", "-1", "--sentinel-slices", "a,b", "--sentinel-return-trajectory",
              "--sentinel-fault-injection", "--sentinel-replica", "e2e"]
+    mem = float(os.environ.get("SENTINEL_E2E_MEM", "0.15"))
     with sentinel_server(tmp_path_factory.mktemp("e2e"), extra=extra, max_model_len=1024,
-                         timeout_s=START_TIMEOUT_S,
-                         gpu_memory_utilization=float(os.environ.get("SENTINEL_E2E_MEM", "0.15"))) as srv:
+                         timeout_s=START_TIMEOUT_S, gpu_memory_utilization=mem) as srv:
         yield srv
 
 

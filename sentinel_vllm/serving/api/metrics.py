@@ -206,7 +206,7 @@ def load_baseline(path_or_mapping) -> dict[str, float]:
 
 
 def metrics_options(config) -> dict:
-    """The :data:`METRICS_OPTIONS` of a config object, as keyword arguments of :class:`SentinelMetrics`."""
+    """The :data:`METRICS_OPTIONS` of a config, as keyword arguments of :class:`SentinelMetrics`."""
     return {name: getattr(config, name) for name in METRICS_OPTIONS}
 
 
