@@ -111,3 +111,24 @@ def test_default_sentinel_resolves_and_warns(trace_file, tmp_path, monkeypatch, 
     monkeypatch.setattr(export, "DEFAULT_SENTINEL", tmp_path / "absent.onnx")
     with pytest.raises(export.SentinelFileError, match="no default sentinel"):
         export.load_sentinel("default")
+
+
+def test_out_that_is_an_input_is_refused_and_the_input_kept(trace_file, tmp_path, capsys, monkeypatch):
+    src = tmp_path / "t.jsonl"
+    src.write_bytes(open(trace_file, "rb").read())
+    before = src.read_bytes()
+    onnx_path = tmp_path / "s.onnx"
+    assert main(["train", str(src), "--out", str(onnx_path)]) == 0
+    onnx_bytes = onnx_path.read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(src)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    for argv in (["score", str(onnx_path), str(src), "--out", "t.jsonl"],
+                 ["score", str(onnx_path), str(src), "--out", str(onnx_path)],
+                 ["features", "t.jsonl", "--out", str(tmp_path / "link.jsonl")],
+                 ["train", str(src), "--out", "./t.jsonl"]):
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"sentinel-vllm {argv[0]}: error: --out ") and "\n" not in err
+        assert "would be overwritten" in err
+    assert src.read_bytes() == before and onnx_path.read_bytes() == onnx_bytes

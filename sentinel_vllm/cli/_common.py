@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 
 
@@ -28,6 +29,24 @@ def load(args):
     if not traces:
         raise ValueError("no traces read")
     return traces
+
+
+def check_out(out: str, inputs) -> None:
+    """Refuse an output path that is one of the input files (it would be overwritten).
+
+    ``-`` (standard output) is always fine; an input and ``out`` are the same file when
+    :func:`os.path.samefile` says so (links included) or their real paths are equal.
+    """
+    if out == "-":
+        return
+    real = os.path.realpath(out)
+    for path in inputs:
+        try:
+            same = os.path.samefile(out, path)
+        except OSError:  # one of them does not exist (yet)
+            same = real == os.path.realpath(path)
+        if same:
+            raise ValueError(f"--out {out} is the input file {path}; it would be overwritten")
 
 
 def write_csv(path: str, header: list[str], rows) -> None:

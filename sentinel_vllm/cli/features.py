@@ -18,6 +18,7 @@ def run(args) -> int:
     from sentinel_vllm.features import FEATURE_NAMES
     from sentinel_vllm.traces import feature_matrix
 
+    _common.check_out(args.out, [*args.traces])
     traces = _common.load(args)
     X = feature_matrix(traces, args.entropy, args.k)
     rows = [[t.id, t.slice, "" if t.correct is None else int(t.correct), *map(repr, x)]

@@ -29,6 +29,7 @@ def score_traces(sentinel_path: str, traces):
 
 
 def run(args) -> int:
+    _common.check_out(args.out, [*args.traces, args.sentinel])
     traces = _common.load(args)
     _, p = score_traces(args.sentinel, traces)
     _common.write_csv(args.out, ["id", "slice", "p_correct"],

@@ -48,6 +48,7 @@ def run(args) -> int:
     from sentinel_vllm.series import parse_series_name
     from sentinel_vllm.traces import feature_matrix
 
+    _common.check_out(args.out, [*args.traces])
     traces = [t for t in _common.load(args) if t.correct is not None]
     if args.slices:
         wanted = [s for s in args.slices.split(",") if s]
