@@ -227,11 +227,20 @@ def audit_slices(slices: Sequence[str], p, ids: Sequence[str],
     Raises
     ------
     ValueError
-        A label whose id is not among ``ids`` (the message counts and names the first).
+        A label whose id is not among ``ids`` (the message counts and names the first),
+        or one whose id several responses share (it would label all of them).
     """
-    unknown = [i for i in labels if i not in set(ids)]
+    from collections import Counter
+
+    counts = Counter(ids)
+    unknown = [i for i in labels if i not in counts]
     if unknown:
         raise ValueError(f"{len(unknown)} labelled id(s) not in the traffic (first: {unknown[0]!r})")
+    shared = [i for i in labels if counts[i] > 1]
+    if shared:
+        raise ValueError(f"labelled id {shared[0]!r} matches {counts[shared[0]]} responses in the "
+                         f"traffic ({len(shared)} labelled id(s) are not unique); ids must name "
+                         "one response (trace files with repeated ids: audit them one at a time)")
     p = np.asarray(p, dtype=np.float64)
     sl = np.asarray(slices)
     out = []
@@ -248,7 +257,7 @@ def read_labels(path: str) -> dict[str, bool]:
     ------
     ValueError
         ``file:line: reason`` for bad JSON, a missing key, a non-boolean ``correct``
-        or an id labelled twice with different values.
+        an id labelled twice with different values, or a file without labels.
     """
     import gzip
 
@@ -272,4 +281,6 @@ def read_labels(path: str) -> dict[str, bool]:
             if key in out and out[key] != obj["correct"]:
                 raise ValueError(f"{where}: id {key!r} labelled both true and false")
             out[key] = obj["correct"]
+    if not out:
+        raise ValueError(f"{path}: no labels")
     return out

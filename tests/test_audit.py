@@ -81,6 +81,8 @@ def test_audit_slice_cases():
         audit_slice("s", p, [True])
     with pytest.raises(ValueError, match="not in the traffic"):
         audit_slices(["a"], [0.5], ["x/1"], {"x/2": True})
+    with pytest.raises(ValueError, match=r"labelled id 'x/1' matches 2 responses"):
+        audit_slices(["a", "a", "a"], [0.5, 0.6, 0.7], ["x/1", "x/2", "x/1"], {"x/1": True})
 
 
 def test_read_labels_errors(tmp_path):
@@ -89,7 +91,8 @@ def test_read_labels_errors(tmp_path):
     assert read_labels(f) == {"a/1": True, "a/2": False}
     for text, msg in [('{"id": "a/1"}', "needs 'id' and 'correct'"), ("{nope", "not JSON"),
                       ('{"id": "a", "correct": 1}', "true or false"),
-                      ('{"id": "a", "correct": true}\n{"id": "a", "correct": false}', "both")]:
+                      ('{"id": "a", "correct": true}\n{"id": "a", "correct": false}', "both"),
+                      ("\n", "no labels")]:
         f.write_text(text + "\n")
         with pytest.raises(ValueError, match=msg):
             read_labels(f)
@@ -117,3 +120,13 @@ def test_audit_cli_json(tmp_path, capsys):
     assert main(["audit", "default", "--traces", str(traffic), "--labels",
                  str(tmp_path / "bad.jsonl")]) == 1
     assert "not in the traffic" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("")
+    assert main(["audit", "default", "--traces", str(traffic), "--labels",
+                 str(tmp_path / "empty.jsonl")]) == 1
+    assert "no labels" in capsys.readouterr().err
+    again = tmp_path / "again.jsonl"        # the same ids in a second file (another temperature)
+    write_traces(again, [{**r, "correct": None} for r in recs])
+    assert main(["audit", "default", "--traces", str(traffic), str(again), "--labels",
+                 str(labels)]) == 1
+    err = capsys.readouterr().err
+    assert f"labelled id {labelled[0]['id']!r} matches 2 responses" in err
