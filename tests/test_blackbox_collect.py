@@ -195,3 +195,28 @@ def test_cli_collect_endpoint(tmp_path, monkeypatch):
     assert {"topk", "top5", "top5_renorm", "top20_renorm"} == set(traces[0].entropy)
     assert fake.bodies[0]["model"] == "their-model" and fake.bodies[0]["top_logprobs"] == 20
     assert fake.auth[0] == "Bearer sk-test"
+
+
+def test_cli_collect_endpoint_exit_code_counts_failures(tmp_path, monkeypatch, capsys):
+    """Every request failed -> exit 1 and one error line; some failed -> exit 0 and the count."""
+    import sentinel_vllm.datasets as ds
+    from sentinel_vllm.cli import main
+
+    probs = load_benchmark("gsm8k", n=3, seed=0, path=str(FIX))
+    real = ds.load_benchmark
+    monkeypatch.setattr(
+        ds, "load_benchmark", lambda name, **kw: real(name, **dict(kw, path=str(FIX)))
+    )
+    out = tmp_path / "x.jsonl"
+    argv = ["collect", "--model", "m", "--benchmarks", "gsm8k", "--out", str(out)]
+    assert main([*argv, "--endpoint", "http://127.0.0.1:1", "--n", "1"]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert len(err) == 1 and err[0].startswith("sentinel-vllm collect: error: all 1 request(s) failed")
+    assert not out.exists() or not list(read_traces(str(out)))
+    fake = FakeEndpoint(probs)            # question 1 answers 503, the other two are written
+    try:
+        assert main([*argv, "--endpoint", fake.server.url, "--n", "3"]) == 0
+    finally:
+        fake.server.stop()
+    assert "1 requests failed and were not written" in capsys.readouterr().err
+    assert len(list(read_traces(str(out)))) == 2

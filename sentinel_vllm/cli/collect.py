@@ -67,8 +67,13 @@ def _run_endpoint(args, specs) -> int:
     for line in format_summary(summary):
         print(line, file=sys.stderr)
     failed = sum(v.get("failed", 0) for v in summary.values())
+    written = sum(v.get("n", 0) for v in summary.values())
     if failed:
         first = next(v["first_error"] for v in summary.values() if v.get("first_error"))
+        if not written:   # every request failed: a failed run, not an empty success
+            print(f"sentinel-vllm collect: error: all {failed} request(s) failed, nothing written "
+                  f"to {args.out}; first: {first}", file=sys.stderr)
+            return 1
         print(f"{failed} requests failed and were not written (rerun to retry them); first: {first}",
               file=sys.stderr)
     return 0
