@@ -322,3 +322,24 @@ def test_sentinel_failure_never_costs_the_response(env, monkeypatch):
         if json.loads(ln[6:])["choices"]
     ]
     assert "".join(c or "" for c in contents) == "".join(f"tok{t}_0" for t in range(9))
+
+
+def test_cli_refuses_bad_upstream_port_timeout_and_listens_locally(env, capsys):
+    """One-line errors (exit 1) before anything starts; the default host is loopback."""
+    from sentinel_vllm.cli import build_parser, main
+
+    ok = ["proxy", "--sentinel", str(env["sentinel"])]
+    assert build_parser().parse_args([*ok, "--upstream", env["up"].url]).host == "127.0.0.1"
+    for extra, msg in [
+        (["--upstream", "10.0.0.5:8000"], "needs http:// or https://"),
+        (["--upstream", "ftp://10.0.0.5"], "needs http:// or https://"),
+        (["--upstream", "http://"], "needs http:// or https://"),
+        (["--upstream", "http://[::1"], "not a URL"),
+        (["--upstream", env["up"].url, "--port", "70000"], "--port 70000: must be in 1..65535"),
+        (["--upstream", env["up"].url, "--port", "0"], "--port 0: must be in 1..65535"),
+        (["--upstream", env["up"].url, "--timeout", "0"], "--timeout 0.0: must be > 0"),
+        (["--upstream", env["up"].url, "--timeout", "-1"], "--timeout -1.0: must be > 0"),
+    ]:
+        assert main([*ok, *extra]) == 1, extra
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("sentinel-vllm proxy: error: ") and msg in err and "\n" not in err

@@ -25,7 +25,9 @@ def add_parser(sub):
     )
     p.add_argument("--upstream", required=True, help="root URL of the OpenAI-compatible server")
     p.add_argument("--sentinel", required=True, metavar="S.onnx", help="top-k sentinel file")
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; with "
+                        "--api-key-env every client that reaches it spends that key)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument(
         "--api-key-env",
@@ -103,11 +105,37 @@ def build_config(args):
     )
 
 
+def check_args(args) -> None:
+    """Refuse a bad ``--upstream``, ``--port`` or ``--timeout`` before anything starts.
+
+    Raises
+    ------
+    ValueError
+        An upstream that is not an http(s) URL with a host (or that httpx cannot parse),
+        a port outside 1..65535, a timeout that is not positive.
+    """
+    import httpx
+
+    try:
+        url = httpx.URL(args.upstream)
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:
+        raise ValueError(f"--upstream {args.upstream!r}: not a URL ({exc})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"--upstream {args.upstream!r}: needs http:// or https:// and a host, "
+                         "e.g. http://10.0.0.5:8000")
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: must be in 1..65535")
+    for name, value in (("--timeout", args.timeout), ("--connect-timeout", args.connect_timeout)):
+        if not value > 0:
+            raise ValueError(f"{name} {value}: must be > 0 seconds")
+
+
 def run(args) -> int:
     import uvicorn
 
     from sentinel_vllm.blackbox.proxy import build_app
 
+    check_args(args)
     app = build_app(build_config(args))  # ValueError (bad sentinel, unset key var) -> exit 1
     print(
         f"sentinel-vllm proxy: {app.state.scorer.id} (top-{app.state.scorer.k}) in front of "
