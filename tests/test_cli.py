@@ -132,3 +132,31 @@ def test_out_that_is_an_input_is_refused_and_the_input_kept(trace_file, tmp_path
         assert err.startswith(f"sentinel-vllm {argv[0]}: error: --out ") and "\n" not in err
         assert "would be overwritten" in err
     assert src.read_bytes() == before and onnx_path.read_bytes() == onnx_bytes
+
+
+def test_file_system_and_url_errors_are_one_line_exit_1(trace_file, tmp_path, capsys, monkeypatch):
+    """IsADirectoryError, PermissionError, httpx.InvalidURL: the ValueError path, no traceback."""
+    import httpx
+
+    from sentinel_vllm.cli import score
+
+    cases = [(["features", trace_file, "--out", str(tmp_path)], "Is a directory"),
+             (["features", str(tmp_path), "--out", str(tmp_path / "f.csv")], "directory")]
+    for argv, msg in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("sentinel-vllm features: error: ") and msg in err and "\n" not in err
+
+    def bad_url(*a, **k):
+        raise httpx.InvalidURL("Invalid port: 'x'")
+
+    monkeypatch.setattr(score, "score_traces", bad_url)
+    assert main(["score", "default", trace_file, "--out", str(tmp_path / "p.csv")]) == 1
+    assert capsys.readouterr().err.strip() == "sentinel-vllm score: error: Invalid port: 'x'"
+
+    def boom(*a, **k):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(score, "score_traces", boom)
+    with pytest.raises(RuntimeError):                 # a bug still shows its traceback
+        main(["score", "default", trace_file, "--out", str(tmp_path / "p.csv")])

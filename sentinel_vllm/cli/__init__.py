@@ -11,6 +11,10 @@ import argparse
 import importlib
 import sys
 
+# Exit codes: 0 success; 1 bad input or data (one line ``sentinel-vllm CMD: error: ...`` on
+# stderr: ValueError, OSError, httpx.InvalidURL); 2 usage (argparse; or no subcommand).
+DATA_ERROR = 1
+
 # name -> module under sentinel_vllm.cli
 SUBCOMMANDS: dict[str, str] = {
     "features": "features",
@@ -62,9 +66,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except Exception as exc:  # noqa: BLE001  (only input errors are caught; the rest re-raised)
+        if not _input_error(exc):
+            raise
         print(f"sentinel-vllm {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return DATA_ERROR
+
+
+def _input_error(exc: BaseException) -> bool:
+    """Bad input a user can fix: bad values, files (missing, a directory, no permission...), URLs."""
+    if isinstance(exc, (ValueError, OSError)):
+        return True
+    httpx = sys.modules.get("httpx")  # only loaded if the command used it
+    return httpx is not None and isinstance(exc, httpx.InvalidURL)
 
 
 if __name__ == "__main__":  # pragma: no cover
