@@ -124,3 +124,20 @@ def test_docs_cited_by_docstrings_exist():
                               re.MULTILINE))
     assert sections and sections <= headings, sections - headings
     assert not [p for p in sources if re.search(r"(?<![/\w])method\.md", p.read_text())]
+
+
+def test_docs_name_the_one_processor_class_path():
+    """serving.md, architecture.md and processor.py's docstring name ``contract.PROCESSOR``."""
+    from sentinel_vllm.serving import contract
+
+    repo = ROOT.parent
+    module, cls = contract.PROCESSOR.split(":")
+    serving = (repo / "docs" / "serving.md").read_text()
+    assert f"| `PROCESSOR` | `{contract.PROCESSOR}`" in serving
+    for name in ("V1_PROCESSOR", "MRV2_PROCESSOR"):
+        assert f"| `{name}` | `{getattr(contract, name)}`" in serving
+    arch = (repo / "docs" / "architecture.md").read_text()
+    assert f"{module.rsplit('.', 1)[1]}.py" in arch
+    assert "processor_any.py" in arch and "picks the V1 or MRV2 implementation" in arch
+    assert contract.PROCESSOR in (ROOT / "serving" / "worker" / "processor.py").read_text()
+    assert (ROOT / "serving" / "worker" / f"{module.rsplit('.', 1)[1]}.py").is_file() and cls

@@ -8,9 +8,13 @@
 Both derive from
 :class:`~sentinel_vllm.serving.worker.processor_base.SentinelProcessorBase`, drive a
 :class:`~sentinel_vllm.serving.worker.tracker.SlotTracker` and never change the logits.
-Pass the one matching the runner to vLLM, e.g.
-``--logits-processors sentinel_vllm.serving.worker.processor:SentinelLogitsProcessor``;
-:func:`sentinel_vllm.serving.contract.processor_fqcn` picks it from a ``VllmConfig``.
+vLLM is handed neither directly: launchers pass the one class path
+:data:`sentinel_vllm.serving.contract.PROCESSOR`
+(``sentinel_vllm.serving.worker.processor_any:SentinelLogitsProcessorAny``), which
+both runners accept and which builds the implementation of the runner that loads it.
+These two class paths (``contract.V1_PROCESSOR``, ``contract.MRV2_PROCESSOR``;
+:func:`~sentinel_vllm.serving.contract.processor_fqcn` with a ``VllmConfig`` or
+``use_v2``) are for callers that pin a runner.
 Classes are imported lazily (importing this module does not import vLLM).
 """
 
