@@ -170,7 +170,7 @@ def collect(
 
     from sentinel_vllm import __version__
     from sentinel_vllm.datasets import grade, load_benchmark
-    from sentinel_vllm.serving.contract import first_answer
+    from sentinel_vllm.serving.contract import RPC_DISCARD, RPC_TRAJECTORIES, merge_answers
     from sentinel_vllm.traces import write_traces
 
     done = _existing_ids(out)
@@ -205,8 +205,8 @@ def collect(
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         dt = time.perf_counter() - t0
-        traj = first_answer(llm.collective_rpc("sentinel_trajectories", args=(ids,)))
-        llm.collective_rpc("sentinel_discard", args=(ids,))
+        traj = merge_answers(llm.collective_rpc(RPC_TRAJECTORIES, args=(ids,))) or {}
+        llm.collective_rpc(RPC_DISCARD, args=(ids,))
         records, n_tok = [], 0
         for (spec, p), sid, o in zip(chunk, ids, outs):
             comp = o.outputs[0]

@@ -10,13 +10,13 @@ Tensor parallelism: only tensor-parallel rank 0 of the last pipeline stage
 creates a tracker (:func:`~sentinel_vllm.serving.worker.tracker_setup.is_sentinel_rank`);
 on the other ranks every method answers empty (``sentinel_stats`` says
 ``"rank_active": False``). ``collective_rpc`` returns one answer per worker in
-rank order; the API server uses the first non-empty one (rank 0's), see
-:func:`sentinel_vllm.serving.contract.first_answer`.
+rank order (per engine with data parallelism); the API side merges them with
+:func:`sentinel_vllm.serving.contract.merge_answers`.
 
 Usage from the frontend::
 
-    answers = llm.collective_rpc("sentinel_fetch", args=(["id-1", "id-2"],))
-    results = contract.first_answer(answers)  # {"id-1": [{"child": 0, "n_steps": ..., ...}], ...}
+    answers = llm.collective_rpc(contract.RPC_FETCH, args=(["id-1", "id-2"],))
+    results = contract.merge_answers(answers)  # {"id-1": [{"child": 0, "n_steps": ..., ...}], ...}
 """
 
 from __future__ import annotations
