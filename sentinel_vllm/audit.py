@@ -32,6 +32,8 @@ __all__ = [
     "AuditEstimate",
     "audit_slice",
     "audit_slices",
+    "labels_from",
+    "parse_label",
     "ppi_interval",
     "read_labels",
     "wilson_interval",
@@ -250,8 +252,53 @@ def audit_slices(slices: Sequence[str], p, ids: Sequence[str],
     return out
 
 
+def parse_label(obj, where: str) -> tuple[str, bool]:
+    """One label record ``{"id": ..., "correct": true|false}`` as ``(id, correct)``.
+
+    The one definition of a label, for ``sentinel-vllm audit --labels`` files and
+    ``POST /sentinel/labels`` bodies. Other keys are ignored.
+
+    Raises
+    ------
+    ValueError
+        ``where: reason`` for a record that is not an object with ``id`` (a non-empty
+        string or an integer) and a boolean ``correct``.
+    """
+    if not isinstance(obj, dict) or "id" not in obj or "correct" not in obj:
+        raise ValueError(f"{where}: a label needs 'id' and 'correct'")
+    if not isinstance(obj["correct"], bool):
+        raise ValueError(  # noqa: TRY004  (bad input: callers report ValueError)
+            f"{where}: 'correct' must be true or false, got {_short(obj['correct'])}")
+    ident = obj["id"]
+    if isinstance(ident, bool) or not isinstance(ident, (str, int)) or ident == "":
+        raise ValueError(f"{where}: 'id' must be a non-empty string, got {_short(ident)}")
+    return str(ident), obj["correct"]
+
+
+def labels_from(records) -> dict[str, bool]:
+    """``{id: correct}`` from ``(where, record)`` pairs, each checked by :func:`parse_label`.
+
+    Raises
+    ------
+    ValueError
+        The first bad record (``where: reason``), or an id labelled both true and false.
+    """
+    out: dict[str, bool] = {}
+    for where, obj in records:
+        key, value = parse_label(obj, where)
+        if key in out and out[key] != value:
+            raise ValueError(f"{where}: id {key!r} labelled both true and false")
+        out[key] = value
+    return out
+
+
+def _short(v, limit: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
 def read_labels(path: str) -> dict[str, bool]:
-    """Read ``{"id": ..., "correct": true|false}`` JSON lines.
+    """Read ``{"id": ..., "correct": true|false}`` JSON lines (:func:`parse_label`).
 
     Raises
     ------
@@ -262,25 +309,18 @@ def read_labels(path: str) -> dict[str, bool]:
     import gzip
 
     opener = gzip.open if str(path).endswith(".gz") else open
-    out: dict[str, bool] = {}
-    with opener(path, "rt", encoding="utf-8") as fh:
+
+    def records(fh):
         for i, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            where = f"{path}:{i}"
             try:
-                obj = json.loads(line)
+                yield f"{path}:{i}", json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or "id" not in obj or "correct" not in obj:
-                raise ValueError(f"{where}: a label needs 'id' and 'correct'")
-            if not isinstance(obj["correct"], bool):
-                raise ValueError(  # noqa: TRY004  (bad input file: the CLI reports ValueError)
-                    f"{where}: 'correct' must be true or false, got {obj['correct']!r}")
-            key = str(obj["id"])
-            if key in out and out[key] != obj["correct"]:
-                raise ValueError(f"{where}: id {key!r} labelled both true and false")
-            out[key] = obj["correct"]
+                raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
+
+    with opener(path, "rt", encoding="utf-8") as fh:
+        out = labels_from(records(fh))
     if not out:
         raise ValueError(f"{path}: no labels")
     return out

@@ -17,6 +17,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from sentinel_vllm.serving.api.audit_store import audit_id
 from sentinel_vllm.serving.api.scoring import SentinelScorer, error_block
 from sentinel_vllm.serving.contract import RPC_DISCARD, RPC_FETCH, RPC_TRAJECTORIES, merge_answers
 
@@ -75,11 +76,14 @@ class BatchFetcher:
         Where ONNX scoring runs (default: one dedicated thread).
     return_trajectory : bool
         Also fetch per-step series (``sentinel_trajectories``) into the blocks.
+    audit : ServingAudit or None
+        Records every scored choice (its block's ``id``, slice, P(correct)) before the
+        blocks are handed back (:mod:`sentinel_vllm.serving.api.audit_store`).
     """
 
     def __init__(self, rpc, scorer: SentinelScorer, metrics=None, *, batch_delay_s=0.005,
-                 timeout_s=10.0, executor=None, return_trajectory=False):
-        self.rpc, self.scorer, self.metrics = rpc, scorer, metrics
+                 timeout_s=10.0, executor=None, return_trajectory=False, audit=None):
+        self.rpc, self.scorer, self.metrics, self.audit = rpc, scorer, metrics, audit
         self.return_trajectory = return_trajectory
         self.batch_delay_s, self.timeout_s = batch_delay_s, timeout_s
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="sentinel-score")
@@ -156,12 +160,16 @@ class BatchFetcher:
                 self._resolve(e, {c: error_block(str(exc), "internal", e["slice"]) for c in range(e["n"])})
             return
         out: dict[str, dict[int, dict]] = {sid: {} for sid in ids}
-        timed_out = []
+        timed_out, audited = [], []
         traj = {sid: e["traj"] for sid, e in zip(ids, entries)}
+        n_of = {sid: e["n"] for sid, e in zip(ids, entries)}
         for (sid, child), s in zip(owner, scored):
+            if s.reason is None:  # the audit id first: labels are posted for it
+                s.block = {"id": audit_id(sid, child, n_of[sid]), **s.block}
+                audited.append((s.block["id"], s.block["slice"], s.p_correct))
+                if traj[sid].get(child) is not None:
+                    s.block["trajectory"] = traj[sid][child]
             out[sid][child] = s.block
-            if s.reason is None and traj[sid].get(child) is not None:
-                s.block["trajectory"] = traj[sid][child]
             if self.metrics is not None:
                 if s.reason is None:
                     self.metrics.observe(s.block["slice"], s.p_correct, s.mean_entropy)
@@ -169,6 +177,8 @@ class BatchFetcher:
                     self.metrics.error(s.reason)
             if s.reason == "fetch_timeout":
                 timed_out.append(sid)
+        if self.audit is not None and audited:  # before the answer: a label may follow at once
+            await self.audit.record(audited)
         for sid, e in zip(ids, entries):
             self._resolve(e, out[sid])
         if timed_out:

@@ -79,7 +79,7 @@ DEFAULT_SLICE = "default"
 OTHER_SLICE = "other"
 MAX_LABEL_LEN = 64
 # Error reasons are a closed set so the error counter's cardinality is bounded.
-ERROR_REASONS = ("fetch_timeout", "rpc", "scoring", "missing_series", "nonfinite", "internal")
+ERROR_REASONS = ("fetch_timeout", "rpc", "scoring", "missing_series", "nonfinite", "internal", "audit")
 #: The :class:`SentinelMetrics` options that ``ServerConfig`` and ``ProxyConfig`` carry under
 #: these names (``serve`` and ``proxy`` read them from the same ``--sentinel-*`` options).
 METRICS_OPTIONS = ("replica", "slices", "max_slices", "window_count", "window_seconds", "baseline",
@@ -270,7 +270,8 @@ class SentinelMetrics:
         self._lock = threading.Lock()
         replica = replica or os.environ.get("SENTINEL_REPLICA") or socket.gethostname()
         self._base = {"model": model, "sentinel": sentinel_id, "replica": replica}
-        reg = REGISTRY if registry is None else registry
+        self.registry = reg = REGISTRY if registry is None else registry
+        self.base_labels = self._base  # the per-process label set (also of the audit gauges)
         #: prometheus-client multiprocess mode (several API servers): no per-process windows
         self.multiprocess = registry is None and bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         names = list(self._base)

@@ -31,9 +31,10 @@ through untouched (vLLM's own check, :meth:`SentinelMiddleware._authorized`);
 the slice label is claimed only once vLLM answered 200; a 4xx answer causes no
 engine RPC.
 
-It also answers ``GET /sentinel/stats`` (the worker's ``sentinel_stats``, rank 0;
-behind the API key like vLLM's ``/v1`` routes) and refreshes the window gauges
-before each ``GET /metrics`` scrape.
+It also answers ``GET /sentinel/stats`` (the worker's ``sentinel_stats``, rank 0) and
+``POST /sentinel/labels`` (human labels by block id: :mod:`~sentinel_vllm.serving.api.labels`),
+both behind the API key like vLLM's ``/v1`` routes, and refreshes the window and
+audit gauges before each ``GET /metrics`` scrape.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 
+from sentinel_vllm.serving.api.audit_store import ServingAudit
 from sentinel_vllm.serving.api.fetch import BatchFetcher, engine_rpc
+from sentinel_vllm.serving.api.labels import LABELS_PATH, handle_labels, send_json
 from sentinel_vllm.serving.api.response import (
     SENTINEL_PATHS,
     new_sentinel_id,
@@ -94,6 +97,9 @@ class ServerConfig:
         Add ``"trajectory"`` (the per-step entropies of the sentinel's series,
         nats) to each block: one more RPC (``sentinel_trajectories``) per batch.
         For debugging and the end-to-end test.
+    audit_db, audit_retention_s, audit_max_rows : str or None, float, int
+        The audit store (:mod:`~sentinel_vllm.serving.api.audit_store`): its SQLite file,
+        shared by the API-server processes (None: per process, in memory), age limit (s), row cap.
     fault_injection : bool
         Tests only: a request with ``vllm_xargs.sentinel_fault = "scoring"`` makes
         the ONNX call of its batch raise (the error path of a real failure).
@@ -112,6 +118,9 @@ class ServerConfig:
     batch_delay_s: float = 0.005
     fetch_timeout_s: float = 10.0
     return_trajectory: bool = False
+    audit_db: str | None = None
+    audit_retention_s: float = 7 * 86400.0
+    audit_max_rows: int = 1_000_000
     fault_injection: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -163,8 +172,9 @@ class _State:
         self.metrics = factory(model=model, sentinel_id=mw.scorer.id, **metrics_options(cfg))
 
         self.rpc = rpc = engine_rpc(engine)  # every engine's workers (data parallel)
+        self.audit = ServingAudit.open(cfg, self.metrics)  # None when the store failed (logged)
         self.fetcher = BatchFetcher(rpc, mw.scorer, self.metrics, batch_delay_s=cfg.batch_delay_s,
-                                    timeout_s=cfg.fetch_timeout_s,
+                                    timeout_s=cfg.fetch_timeout_s, audit=self.audit,
                                     return_trajectory=cfg.return_trajectory)
 
 
@@ -219,9 +229,11 @@ class SentinelMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, method = scope.get("path", ""), scope.get("method", "GET")
-        if method == "GET" and path == "/sentinel/stats":
+        if (method, path) in (("GET", "/sentinel/stats"), ("POST", LABELS_PATH)):
             if not self._authorized(scope):
-                return await _send_json(send, 401, {"error": "Unauthorized"})
+                return await send_json(send, 401, {"error": "Unauthorized"})
+            if path == LABELS_PATH:
+                return await handle_labels(lambda: self.state(scope).audit, receive, send)
             return await self._stats(scope, send)
         if method == "POST" and path in SENTINEL_PATHS and self._authorized(scope):
             return await self._tracked(scope, receive, send)
@@ -229,6 +241,8 @@ class SentinelMiddleware:
             return await self._stripped(scope, receive, send)
         if path.startswith("/metrics") and self._state is not None:
             self._state.metrics.refresh()  # expire old window entries before the scrape
+            if self._state.audit is not None:
+                await self._state.audit.refresh()  # audited estimates of the shared store
         return await self.app(scope, receive, send)
 
     def _authorized(self, scope) -> bool:
@@ -256,7 +270,7 @@ class SentinelMiddleware:
                                  "api": {"discarded": self.discarded}}
         except Exception as exc:  # noqa: BLE001
             status, body = 503, {"error": f"{type(exc).__name__}: {exc}"}
-        await _send_json(send, status, body)
+        await send_json(send, status, body)
 
     async def _stripped(self, scope, receive, send) -> None:
         """Any other request with a JSON body: forward it without client sentinel keys."""
@@ -358,14 +372,6 @@ def _vllm_token_check(app):
         if getattr(cls, "__name__", "") == "AuthenticationMiddleware" and hasattr(cls, "verify_token"):
             return cls(None, *getattr(m, "args", ()), **getattr(m, "kwargs", {})).verify_token
     return None
-
-
-async def _send_json(send, status: int, body: dict) -> None:
-    data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(data)).encode())]})
-    await send({"type": "http.response.body", "body": data})
 
 
 def _n_prompts(prompt) -> int:

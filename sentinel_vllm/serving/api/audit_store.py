@@ -1,0 +1,348 @@
+"""The human audit in serving: scored responses in a shared store, labels posted for them.
+
+Every scored choice's block carries ``"id"``, its audit id (:func:`audit_id`). The API
+side records ``(id, slice, p_correct, time)`` of every scored choice in an SQLite file
+(WAL mode): all API-server processes of one ``sentinel-vllm serve`` open the same file,
+so a label posted to any of them finds a response served by any other.
+``POST /sentinel/labels`` (:mod:`sentinel_vllm.serving.api.labels`) sets labels; the
+slice's audited accuracy is :func:`sentinel_vllm.audit.audit_slice` of the store's
+rows of that slice (PPI++ 95% interval), exported on ``/metrics`` by
+:class:`AuditGauges`, recomputed when labels arrive and before a scrape when the
+store changed.
+
+Rows older than the retention (default 7 days) are dropped, and the oldest beyond a
+row cap (default 1,000,000). A store failure never costs a response: it is logged and
+counted in ``sentinel_errors_total{reason="audit"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["AuditStore", "AuditGauges", "ServingAudit", "LabelResult", "audit_id",
+           "DEFAULT_RETENTION_S", "DEFAULT_MAX_ROWS"]
+
+log = logging.getLogger("sentinel_vllm.serving")
+
+DEFAULT_RETENTION_S = 7 * 86400.0
+DEFAULT_MAX_ROWS = 1_000_000
+BUSY_TIMEOUT_S = 5.0
+#: How many unknown ids an answer lists (it always counts them all).
+MAX_UNKNOWN_LISTED = 10
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY, slice TEXT NOT NULL, p_correct REAL NOT NULL, t REAL NOT NULL,
+    label INTEGER);
+CREATE INDEX IF NOT EXISTS responses_slice ON responses (slice);
+CREATE INDEX IF NOT EXISTS responses_t ON responses (t);
+"""
+
+
+def audit_id(sentinel_id: str, child: int, n: int) -> str:
+    """The audit id of choice ``child`` of a request: its sentinel id for ``n = 1``,
+    ``"<sentinel id>.<choice index>"`` for ``n > 1`` (``snt-<32 hex>.1``)."""
+    return sentinel_id if n == 1 else f"{sentinel_id}.{int(child)}"
+
+
+@dataclass
+class LabelResult:
+    """What one batch of labels did.
+
+    Attributes
+    ----------
+    accepted : int
+        Ids labelled for the first time.
+    updated : int
+        Ids that had a label: replaced by the new one (a reviewer's correction).
+    unknown : list of str
+        Ids the store does not hold (expired, served by another replica, typo).
+    slices : list of str
+        Slices of the labelled responses.
+    """
+
+    accepted: int = 0
+    updated: int = 0
+    unknown: list[str] = field(default_factory=list)
+    slices: list[str] = field(default_factory=list)
+
+
+class AuditStore:
+    """Recent scored responses and their labels, in SQLite.
+
+    Parameters
+    ----------
+    path : str or None
+        Database file, shared by every process that opens it (WAL mode). None: a
+        private in-memory store (one process).
+    retention_s : float
+        Rows older than this (seconds) are dropped.
+    max_rows : int
+        At most this many rows are kept (the oldest are dropped).
+    prune_every_s : float
+        :meth:`add` prunes at most this often (seconds); :meth:`prune` any time.
+    clock : callable, default ``time.time``
+        Wall-clock seconds (shared by processes and restarts); injected in tests.
+
+    Raises
+    ------
+    ValueError
+        The file cannot be opened or is not an audit store.
+    """
+
+    def __init__(self, path: str | None = None, *, retention_s: float = DEFAULT_RETENTION_S,
+                 max_rows: int = DEFAULT_MAX_ROWS, prune_every_s: float = 60.0, clock=time.time):
+        if not retention_s > 0 or max_rows < 1:
+            raise ValueError(f"audit retention must be > 0 s and max rows >= 1, got "
+                             f"{retention_s} and {max_rows}")
+        self.path = path
+        self.retention_s, self.max_rows, self.prune_every_s = float(retention_s), int(max_rows), prune_every_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._writes = 0
+        self._last_prune = -math.inf
+        try:
+            self._db = sqlite3.connect(path or ":memory:", timeout=BUSY_TIMEOUT_S,
+                                       isolation_level=None, check_same_thread=False)
+            if path:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._db.execute("SELECT id, slice, p_correct, t, label FROM responses LIMIT 0")
+        except sqlite3.Error as exc:
+            raise ValueError(f"cannot open the audit store {path}: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._db.close()
+
+    def _write(self, fn):
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            self._writes += 1
+            return out
+
+    def add(self, rows) -> None:
+        """Record scored responses: ``(id, slice, p_correct)`` triples, stamped now.
+
+        An id already present keeps its first row. Prunes at most every ``prune_every_s``.
+        """
+        now = self._clock()
+        self._write(lambda db: db.executemany(
+            "INSERT OR IGNORE INTO responses (id, slice, p_correct, t) VALUES (?, ?, ?, ?)",
+            [(str(i), str(s), float(p), now) for i, s, p in rows]))
+        if now - self._last_prune >= self.prune_every_s:
+            self.prune()
+
+    def prune(self) -> int:
+        """Drop rows past the retention, then the oldest beyond ``max_rows``; returns how many."""
+        self._last_prune = now = self._clock()
+
+        def fn(db):
+            n = db.execute("DELETE FROM responses WHERE t < ?", (now - self.retention_s,)).rowcount
+            return n + db.execute(
+                "DELETE FROM responses WHERE rowid IN (SELECT rowid FROM responses "
+                "ORDER BY t DESC, rowid DESC LIMIT -1 OFFSET ?)", (self.max_rows,)).rowcount
+        return self._write(fn)
+
+    def label(self, labels: dict[str, bool]) -> LabelResult:
+        """Set labels (``{id: correct}``) in one transaction; a relabel replaces the label."""
+        res = LabelResult()
+
+        def fn(db):
+            slices, updates = {}, []
+            for ident, correct in labels.items():
+                row = db.execute("SELECT slice, label FROM responses WHERE id = ?", (ident,)).fetchone()
+                if row is None:
+                    res.unknown.append(ident)
+                    continue
+                slices[row[0]] = None
+                if row[1] is None:
+                    res.accepted += 1
+                else:
+                    res.updated += 1
+                updates.append((int(bool(correct)), ident))
+            db.executemany("UPDATE responses SET label = ? WHERE id = ?", updates)
+            res.slices = list(slices)
+        self._write(fn)
+        return res
+
+    def version(self) -> tuple[int, int]:
+        """Changes by this object and by other connections (equal: nothing changed)."""
+        with self._lock:
+            return self._writes, self._db.execute("PRAGMA data_version").fetchone()[0]
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """``{slice: (responses, labelled)}``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT slice, count(*), count(label) FROM responses GROUP BY slice").fetchall()
+        return {s: (int(n), int(k)) for s, n, k in rows}
+
+    def arrays(self, slice_label: str) -> tuple[np.ndarray, list]:
+        """The slice's ``p_correct`` (float64) and labels (True/False/None), same order."""
+        with self._lock:
+            rows = self._db.execute("SELECT p_correct, label FROM responses WHERE slice = ? "
+                                    "ORDER BY rowid", (slice_label,)).fetchall()
+        p = np.fromiter((r[0] for r in rows), dtype=np.float64, count=len(rows))
+        return p, [None if r[1] is None else bool(r[1]) for r in rows]
+
+    def audit(self, slice_label: str):
+        """:func:`sentinel_vllm.audit.audit_slice` of the slice's rows."""
+        from sentinel_vllm.audit import audit_slice
+
+        p, labels = self.arrays(slice_label)
+        return audit_slice(slice_label, p, labels)
+
+
+class AuditGauges:
+    """The audited-accuracy gauges per slice (labels ``model``, ``sentinel``, ``replica``, ``slice``).
+
+    ``multiprocess_mode="mostrecent"``: every API-server process computes the same values
+    from the shared store; the last one written is exported.
+    """
+
+    NAMES = ("sentinel_audited_accuracy", "sentinel_audited_accuracy_ci_low",
+             "sentinel_audited_accuracy_ci_high", "sentinel_audit_labels", "sentinel_audit_responses")
+
+    def __init__(self, registry, base: dict, *, multiprocess: bool = False, max_slices: int = 34):
+        from prometheus_client import Gauge
+
+        docs = ("Audited accuracy (PPI++ from human labels and P(correct))",
+                "Audited accuracy, 95% interval lower bound", "Audited accuracy, 95% interval upper bound",
+                "Responses in the audit store with a human label", "Responses in the audit store")
+        names = [*base, "slice"]
+        self.est, self.lo, self.hi, self.n_lab, self.n = (
+            Gauge(nm, doc, names, registry=registry, multiprocess_mode="mostrecent")
+            for nm, doc in zip(self.NAMES, docs))
+        self.base, self.multiprocess, self.max_slices = dict(base), multiprocess, max_slices
+        self._with_estimate: set[str] = set()
+
+    def set(self, estimates) -> None:
+        """Export :class:`~sentinel_vllm.audit.AuditEstimate` s; without an estimate (fewer than
+        ``audit.MIN_LABELS`` labels) only the counts (in multiprocess mode, where a series
+        cannot be removed, a slice that lost its estimate reads NaN)."""
+        for e in estimates:
+            lab = dict(self.base, slice=e.slice)
+            self.n.labels(**lab).set(e.n)
+            self.n_lab.labels(**lab).set(e.n_labelled)
+            if math.isfinite(e.estimate):
+                for g, v in ((self.est, e.estimate), (self.lo, e.ci_low), (self.hi, e.ci_high)):
+                    g.labels(**lab).set(v)
+                self._with_estimate.add(e.slice)
+            elif e.slice in self._with_estimate:
+                self._with_estimate.discard(e.slice)
+                for g in (self.est, self.lo, self.hi):
+                    if self.multiprocess:
+                        g.labels(**lab).set(float("nan"))
+                    else:
+                        g.remove(*lab.values())
+
+
+class ServingAudit:
+    """Store + gauges of one API-server process; every database call runs in one thread.
+
+    Parameters
+    ----------
+    store : AuditStore
+    gauges : AuditGauges or None
+    on_error : callable, optional
+        Called with ``"audit"`` when the store fails (the metrics' error counter).
+    """
+
+    def __init__(self, store: AuditStore, gauges: AuditGauges | None = None, on_error=None):
+        self.store, self.gauges, self.on_error = store, gauges, on_error
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="sentinel-audit")
+        self._seen_version = None
+
+    @classmethod
+    def open(cls, config, metrics=None) -> "ServingAudit | None":
+        """From a ``ServerConfig`` (``audit_db`` None: an in-memory store); None on failure
+        (logged and counted: serving goes on without the audit)."""
+        try:
+            store = AuditStore(config.audit_db, retention_s=config.audit_retention_s,
+                               max_rows=config.audit_max_rows)
+            gauges = None
+            if metrics is not None and getattr(metrics, "registry", None) is not None:
+                gauges = AuditGauges(metrics.registry, metrics.base_labels,
+                                     multiprocess=metrics.multiprocess,
+                                     max_slices=metrics.labeler.max_slices + 2)
+        except Exception:  # noqa: BLE001 (serving goes on without the audit)
+            log.exception("sentinel audit store")
+            if metrics is not None:
+                metrics.error("audit")
+            return None
+        return cls(store, gauges, metrics.error if metrics is not None else None)
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def record(self, rows) -> None:
+        """Store scored responses (never raises: a failure is logged and counted)."""
+        try:
+            await self._run(self.store.add, rows)
+        except Exception:  # noqa: BLE001
+            log.exception("sentinel audit store: insert")
+            self.error()
+
+    async def post(self, labels: dict[str, bool]) -> dict:
+        """Store labels; the answer of ``POST /sentinel/labels``.
+
+        Raises when the labels could not be stored (nothing was); a failure computing the
+        estimates afterwards is logged and counted, and the answer lists no slices.
+        """
+        res = await self._run(self.store.label, labels)
+        try:
+            estimates = await self._run(self._estimates, res.slices)
+            self._export(estimates)
+        except Exception:  # noqa: BLE001
+            log.exception("sentinel audit store: estimates")
+            self.error()
+            estimates = []
+        return {"labels": len(labels), "accepted": res.accepted, "updated": res.updated,
+                "unknown": len(res.unknown), "unknown_ids": res.unknown[:MAX_UNKNOWN_LISTED],
+                "slices": [e.as_dict() for e in estimates]}
+
+    async def refresh(self) -> None:
+        """Recompute every slice's gauges when the store changed (before a scrape)."""
+        try:
+            version = await self._run(self.store.version)
+            if version == self._seen_version or self.gauges is None:
+                return
+            self._export(await self._run(self._estimates, None))
+            self._seen_version = version
+        except Exception:  # noqa: BLE001
+            log.exception("sentinel audit store: refresh")
+            self.error()
+
+    def _estimates(self, slices):
+        counts = self.store.counts()
+        if slices is None:  # the most populated slices, bounded like the slice labels
+            cap = self.gauges.max_slices if self.gauges is not None else len(counts)
+            slices = sorted(counts, key=lambda s: (-counts[s][0], s))[:cap]
+        return [self.store.audit(s) for s in slices if s in counts]
+
+    def _export(self, estimates) -> None:
+        if self.gauges is not None:
+            self.gauges.set(estimates)
+
+    def error(self) -> None:
+        """Count one store failure (``sentinel_errors_total{reason="audit"}``)."""
+        if self.on_error is not None:
+            self.on_error("audit")
