@@ -1,6 +1,8 @@
 """``sentinel-vllm serve``: refuses bad sentinel files before vLLM starts; argument plumbing."""
 
+import argparse
 import json
+import os
 
 import pytest
 
@@ -82,6 +84,30 @@ def test_passes_vllm_args_through_and_adds_ours(tmp_path, monkeypatch):
     cfg = ServerConfig.from_env()
     assert cfg.sentinel == str(s.resolve()) and cfg.slices == ["gsm8k", "math"]
     assert cfg.replica == "r7" and not cfg.fault_injection
+    # a fresh audit store file per run, in a new temporary folder (empty until the server writes)
+    assert cfg.audit_db.endswith("audit.sqlite") and os.listdir(os.path.dirname(cfg.audit_db)) == []
+    assert (cfg.audit_retention_s, cfg.audit_max_rows) == (7 * 86400.0, 1_000_000)
+
+
+def test_audit_store_options(tmp_path, monkeypatch, capsys, no_vllm):
+    from sentinel_vllm.serving.api.audit_store import AuditStore
+
+    s = tmp_path / "s.onnx"
+    make_tiny_sentinel(s)
+    argv = ["serve", "m", "--sentinel", str(s)]
+    assert main([*argv, "--sentinel-audit-db", str(tmp_path / "no" / "dir.sqlite")]) == 2
+    assert "cannot open the audit store" in capsys.readouterr().err
+    assert main([*argv, "--sentinel-audit-retention", "0"]) == 2
+    assert main([*argv, "--sentinel-audit-max-rows", "0"]) == 2
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    serve._add_sentinel_options(parser)
+    ns = parser.parse_args([*argv[1:], "--sentinel-audit-db", str(tmp_path / "a.sqlite"),
+                            "--sentinel-audit-retention", "60", "--sentinel-audit-max-rows", "5"])
+    cfg, _ = serve.build_config(ns)
+    assert (cfg.audit_db, cfg.audit_retention_s, cfg.audit_max_rows) == (
+        str(tmp_path / "a.sqlite"), 60.0, 5)
+    AuditStore(cfg.audit_db).add([("x", "s", 0.5)])  # the file build_config created is a store
 
 
 @pytest.mark.parametrize("runner_env", [None, "0", "1"])

@@ -59,6 +59,13 @@ def _add_sentinel_options(p: argparse.ArgumentParser) -> None:
                    help="age limit of the window in seconds, 0 = none (default 3600)")
     g.add_argument("--sentinel-min-samples", type=int, default=20, metavar="N",
                    help="no drift alert below this many responses in the window (default 20)")
+    g.add_argument("--sentinel-audit-db", default=None, metavar="PATH",
+                   help="SQLite file of the audit store (scored responses and the labels posted "
+                        "to /sentinel/labels), kept across restarts (default: a fresh file per run)")
+    g.add_argument("--sentinel-audit-retention", type=float, default=7 * 86400.0, metavar="S",
+                   help="responses older than S seconds leave the audit store (default 604800: 7 days)")
+    g.add_argument("--sentinel-audit-max-rows", type=int, default=1_000_000, metavar="N",
+                   help="cap on the audit store's responses, oldest dropped (default 1000000)")
     g.add_argument("--sentinel-return-trajectory", action="store_true",
                    help="add the per-step entropies (nats) to each block (debugging)")
     g.add_argument("--sentinel-fault-injection", action="store_true", help=argparse.SUPPRESS)
@@ -91,6 +98,7 @@ def build_config(ns):
         An unusable sentinel file, baseline file or option value.
     """
     from sentinel_vllm.cli._common import metrics_args
+    from sentinel_vllm.serving.api.audit_store import AuditStore
     from sentinel_vllm.serving.api.metrics import load_baseline
     from sentinel_vllm.serving.api.middleware import ServerConfig
     from sentinel_vllm.serving.api.scoring import SentinelScorer, resolve_sentinel_path
@@ -106,9 +114,28 @@ def build_config(ns):
             raise ValueError(f"--{opt.replace('_', '-')} must be >= 1")
     opts = metrics_args(ns)
     opts["baseline"] = os.path.abspath(ns.sentinel_baseline) if ns.sentinel_baseline else None
+    db = os.path.abspath(ns.sentinel_audit_db) if ns.sentinel_audit_db else None
+    if db is not None:  # opened once here: an unusable path stops serve before vLLM starts
+        AuditStore(db, retention_s=ns.sentinel_audit_retention,
+                   max_rows=ns.sentinel_audit_max_rows).close()
+    elif not ns.sentinel_audit_retention > 0 or ns.sentinel_audit_max_rows < 1:
+        raise ValueError("--sentinel-audit-retention must be > 0 and --sentinel-audit-max-rows >= 1")
     cfg = ServerConfig(sentinel=os.path.abspath(path), return_trajectory=ns.sentinel_return_trajectory,
-                       fault_injection=ns.sentinel_fault_injection, **opts)
+                       fault_injection=ns.sentinel_fault_injection, audit_db=db,
+                       audit_retention_s=ns.sentinel_audit_retention,
+                       audit_max_rows=ns.sentinel_audit_max_rows, **opts)
     return cfg, scorer
+
+
+def fresh_audit_db() -> str:
+    """A new audit store path in a temporary folder, removed when this process exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="sentinel-audit-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return os.path.join(folder, "audit.sqlite")
 
 
 #: vLLM options ``serve`` merges with its own (the user's values are kept).
@@ -200,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"sentinel-vllm serve: error: {exc}", file=sys.stderr)
         return 2
+    if cfg.audit_db is None:  # one store for every API-server process of this run
+        cfg.audit_db = fresh_audit_db()
     os.environ[CONFIG_ENV] = cfg.to_env()
     args += _cpu_defaults(args)
     print(f"sentinel-vllm serve: sentinel {scorer.id} ({scorer.entropy}"
