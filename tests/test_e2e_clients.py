@@ -13,6 +13,9 @@ One server for the module. Checks, each against what a user's code sees:
   with and without ``include_usage``; the block rides on each choice's finish chunk;
   the Responses API (plain and streamed) carries the block;
 * ``litellm`` as a client library over the same server (when installed);
+* the human audit: labels posted for 4 of 8 responses (by their blocks' ``id``; without the
+  key: 401, nothing stored) make ``/metrics`` show the slice's audited accuracy, equal to
+  :func:`sentinel_vllm.audit.audit_slice` of the blocks' ``p_correct`` and the labels;
 * 200 streams dropped at random chunks: worker state freed, vLLM counts the aborts.
 """
 
@@ -225,3 +228,34 @@ def test_dropped_streams_free_their_state(server):
     assert discarded + scored == 200 and discarded >= dropped // 2, (discarded, scored, dropped)
     record("dropped streams", requests=200, faults=dropped, leaked=stats["active"] + stats["parked"],
            discarded=discarded, scored=int(scored))
+
+
+def test_human_audit_labels_reach_metrics(server, sdk):
+    from sentinel_vllm.audit import audit_slice
+
+    base, blocks = server["base"], []
+    for i in range(8):
+        r = sdk.chat.completions.create(model=str(MODEL), messages=_msg(60 + i), max_tokens=5 + i % 4,
+                                        temperature=0.8, seed=i,
+                                        extra_body={"vllm_xargs": {"sentinel_slice": "audited"}})
+        blocks.append(r.model_extra["sentinel"])
+        _check_block(blocks[-1], server["sentinel_id"])
+    ids = [b["id"] for b in blocks]
+    assert len(set(ids)) == 8 and all(i.startswith("snt-") for i in ids)
+    labels = {ids[0]: True, ids[2]: False, ids[3]: True, ids[6]: False}
+    body = [{"id": k, "correct": v} for k, v in labels.items()]
+    r = httpx.post(base + "/sentinel/labels", json=body, timeout=60)
+    assert r.status_code == 401
+    r = httpx.post(base + "/sentinel/labels", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()  # accepted, not updated: the 401 stored nothing
+    assert (out["accepted"], out["updated"], out["unknown"]) == (4, 0, 0), out
+    ref = audit_slice("audited", [b["p_correct"] for b in blocks], [labels.get(i) for i in ids])
+    assert out["slices"] == [ref.as_dict()]
+    text = httpx.get(base + "/metrics", timeout=30).text
+    lab = 'slice="audited"'
+    for name, want in [("sentinel_audited_accuracy", ref.estimate),
+                       ("sentinel_audited_accuracy_ci_low", ref.ci_low),
+                       ("sentinel_audited_accuracy_ci_high", ref.ci_high),
+                       ("sentinel_audit_labels", 4), ("sentinel_audit_responses", 8)]:
+        assert metric(text, name, lab) == pytest.approx(want, abs=1e-9), name

@@ -6,6 +6,9 @@ every second. After 16 chat requests (official ``openai`` client) labelled slice
 ``fleet``, ``slice:sentinel_p_correct:mean5m`` queried over Prometheus' HTTP API must
 equal the mean ``p_correct`` of the responses the client saw, within 1e-6, and the
 95% interval rules must bracket it. ``promtool check rules`` / ``test rules`` run too.
+Labels posted for 12 of the 16 responses, one request (one new connection) each, are all
+accepted whichever API server answers (one audit store file), and ``/metrics`` shows one
+audited series, equal to :func:`sentinel_vllm.audit.audit_slice` of what the client saw.
 """
 
 import asyncio
@@ -139,3 +142,25 @@ def test_recording_rule_is_the_mean_the_client_saw(stack):
     # two API-server processes, one merged series: no per-process window gauges exported
     assert _query(stack["prom"], "sentinel_estimated_accuracy") == []
     assert _query(stack["prom"], 'count(vllm:request_success_total{model_name=~".+"})')  # joins vLLM's
+    _labels_land_on_any_api_server(stack["base"], blocks)
+
+
+def _labels_land_on_any_api_server(base, blocks):
+    import httpx
+    from e2e_helpers import metric
+
+    from sentinel_vllm.audit import audit_slice
+
+    labels = {b["id"]: i % 3 != 0 for i, b in enumerate(blocks[:12])}
+    for ident, correct in labels.items():  # a new connection each: the kernel picks the process
+        r = httpx.post(base + "/sentinel/labels", json=[{"id": ident, "correct": correct}], timeout=60)
+        assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+    ref = audit_slice("fleet", [b["p_correct"] for b in blocks], [labels.get(b["id"]) for b in blocks])
+    for _ in range(4):  # whichever process answers the scrape
+        text = httpx.get(base + "/metrics", timeout=30).text
+        series = [ln for ln in text.splitlines()
+                  if ln.startswith("sentinel_audited_accuracy{") and 'slice="fleet"' in ln]
+        assert len(series) == 1, series
+        assert float(series[0].rsplit(" ", 1)[1]) == pytest.approx(ref.estimate, abs=1e-9)
+        assert metric(text, "sentinel_audit_labels", 'slice="fleet"') == 12
+        assert metric(text, "sentinel_audit_responses", 'slice="fleet"') == len(blocks)

@@ -278,3 +278,33 @@ def test_two_processes_share_the_store_and_export_the_latest(tmp_path):
     assert reg.get_sample_value("sentinel_audited_accuracy", lab) == pytest.approx(ref.estimate, abs=1e-12)
     assert reg.get_sample_value("sentinel_audit_labels", lab) == 3
     assert reg.get_sample_value("sentinel_audit_responses", lab) == 6
+
+
+def test_refresh_recomputes_only_changed_slices():
+    from sentinel_vllm.serving.api.audit_store import AuditGauges, ServingAudit
+
+    reg = prometheus_client.CollectorRegistry()
+    base = {"model": "m", "sentinel": "s", "replica": "r"}
+    audit = ServingAudit(AuditStore(), AuditGauges(reg, base))
+    calls = []
+    orig = audit.store.audit
+    audit.store.audit = lambda s: calls.append(s) or orig(s)
+
+    async def go():
+        await audit.record([("a0", "a", 0.2), ("a1", "a", 0.9), ("a2", "a", 0.6), ("b0", "b", 0.4)])
+        await audit.refresh()  # no slice has MIN_LABELS labels: counts only, no PPI
+        assert calls == []
+        await audit.post({"a0": False, "a1": True})
+        await audit.refresh()  # nothing changed since the post exported "a"
+        await audit.record([("b1", "b", 0.7)])
+        await audit.refresh()
+        await audit.post({"a1": True})  # the same label again: no change
+        await audit.refresh()
+
+    run(go())
+    assert calls == ["a", "a"]  # the post, then its relabel post; "b" never needed PPI
+    ref = audit_slice("a", np.array([0.2, 0.9, 0.6]), [False, True, None])
+    lab = dict(base, slice="a")
+    assert reg.get_sample_value("sentinel_audited_accuracy", lab) == pytest.approx(ref.estimate, abs=1e-12)
+    assert reg.get_sample_value("sentinel_audit_responses", dict(base, slice="b")) == 2
+    assert reg.get_sample_value("sentinel_audited_accuracy", dict(base, slice="b")) is None

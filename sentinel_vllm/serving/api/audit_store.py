@@ -43,7 +43,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY, slice TEXT NOT NULL, p_correct REAL NOT NULL, t REAL NOT NULL,
     label INTEGER);
-CREATE INDEX IF NOT EXISTS responses_slice ON responses (slice);
+CREATE INDEX IF NOT EXISTS responses_slice_label ON responses (slice, label);
 CREATE INDEX IF NOT EXISTS responses_t ON responses (t);
 """
 
@@ -190,10 +190,16 @@ class AuditStore:
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """``{slice: (responses, labelled)}``."""
+        return {s: v[:2] for s, v in self.summary().items()}
+
+    def summary(self) -> dict[str, tuple]:
+        """``{slice: (responses, labelled, correct labels, first rowid, last rowid)}``: equal
+        summaries, equal rows (a relabel to the same value changes nothing)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT slice, count(*), count(label) FROM responses GROUP BY slice").fetchall()
-        return {s: (int(n), int(k)) for s, n, k in rows}
+                "SELECT slice, count(*), count(label), total(label), min(rowid), max(rowid) "
+                "FROM responses GROUP BY slice").fetchall()
+        return {r[0]: (int(r[1]), int(r[2]), float(r[3]), r[4], r[5]) for r in rows}
 
     def arrays(self, slice_label: str) -> tuple[np.ndarray, list]:
         """The slice's ``p_correct`` (float64) and labels (True/False/None), same order."""
@@ -270,6 +276,7 @@ class ServingAudit:
         self.store, self.gauges, self.on_error = store, gauges, on_error
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="sentinel-audit")
         self._seen_version = None
+        self._seen: dict[str, tuple] = {}  # slice -> summary of its last export (audit thread)
 
     @classmethod
     def open(cls, config, metrics=None) -> "ServingAudit | None":
@@ -325,18 +332,36 @@ class ServingAudit:
             version = await self._run(self.store.version)
             if version == self._seen_version or self.gauges is None:
                 return
-            self._export(await self._run(self._estimates, None))
+            self._export(await self._run(self._changed_estimates))
             self._seen_version = version
         except Exception:  # noqa: BLE001
             log.exception("sentinel audit store: refresh")
             self.error()
 
     def _estimates(self, slices):
-        counts = self.store.counts()
-        if slices is None:  # the most populated slices, bounded like the slice labels
-            cap = self.gauges.max_slices if self.gauges is not None else len(counts)
-            slices = sorted(counts, key=lambda s: (-counts[s][0], s))[:cap]
-        return [self.store.audit(s) for s in slices if s in counts]
+        known, out = self.store.summary(), []
+        for s in slices:
+            if s in known:
+                out.append(self.store.audit(s))
+                self._seen[s] = known[s]
+        return out
+
+    def _changed_estimates(self):
+        """Estimates of the slices whose rows changed since their last export: the most
+        populated slices, bounded like the slice labels; counts only below MIN_LABELS."""
+        from sentinel_vllm.audit import MIN_LABELS, AuditEstimate
+
+        summary = self.store.summary()
+        cap = self.gauges.max_slices if self.gauges is not None else len(summary)
+        out, nan = [], float("nan")
+        for s in sorted(summary, key=lambda s: (-summary[s][0], s))[:cap]:
+            if self._seen.get(s) == summary[s]:
+                continue
+            n, k = summary[s][:2]
+            out.append(self.store.audit(s) if k >= MIN_LABELS
+                       else AuditEstimate(s, n, k, *[nan] * 10))
+            self._seen[s] = summary[s]
+        return out
 
     def _export(self, estimates) -> None:
         if self.gauges is not None:
