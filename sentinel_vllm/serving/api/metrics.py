@@ -45,6 +45,10 @@ sets for ``--api-server-count > 1``) no query could combine windows of several
 processes, so they are not exported there (the fleet series above are); the
 baseline gauge is the same in every process (``multiprocess_mode="max"``).
 
+The audited-accuracy gauges (``sentinel_audited_accuracy`` and its interval,
+``sentinel_audit_labels``, ``sentinel_audit_responses``; same labels) are in
+:mod:`sentinel_vllm.serving.api.audit_store`.
+
 Cardinality is bounded: slice labels come from an allowlist and/or a cap on the
 number of distinct labels (:class:`SliceLabeler`); the rest count as ``other``.
 """

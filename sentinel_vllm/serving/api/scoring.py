@@ -12,6 +12,8 @@ The block (per choice when ``n > 1``, top level when ``n = 1``)::
      "entropy": "full", "k": 49152, "n_steps": 37, "model": "sentinel-0123abcd4567",
      "slice": "gsm8k"}
 
+The fetcher (:mod:`~sentinel_vllm.serving.api.fetch`) puts ``"id"``, the choice's
+audit id (:func:`~sentinel_vllm.serving.api.audit_store.audit_id`), first.
 ``k`` is the number of tokens the entropy sums over: the sentinel's top-k for
 ``"topk"``, the vocabulary size for ``"full"`` (0 when unknown). A sample that
 cannot be scored gets ``{"error": "...", "reason": ...}`` instead; the response
