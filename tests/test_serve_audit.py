@@ -64,13 +64,17 @@ def test_store_labels_relabel_unknown_and_estimate():
 
 def test_store_retention_and_row_cap():
     now = [1000.0]
-    st = AuditStore(retention_s=100.0, max_rows=3, prune_every_s=1e9, clock=lambda: now[0])
+    st = AuditStore(retention_s=100.0, max_rows=3, prune_every_s=60.0, clock=lambda: now[0])
+    assert st.maybe_prune() == 0
     for i in range(5):  # t = 1000, 1010, ..., 1040
         st.add([(f"r{i}", "a", 0.5)])
         now[0] += 10
-    assert st.counts() == {"a": (5, 0)}  # add prunes only every prune_every_s
-    assert st.prune() == 2  # the cap keeps the 3 newest
+    assert st.counts() == {"a": (5, 0)}  # add never prunes
+    assert st.maybe_prune() == 0  # the last prune was at t = 1000, 50 s ago
+    now[0] += 10
+    assert st.maybe_prune() == 2  # the cap keeps the 3 newest
     assert [r[0] for r in st._db.execute("SELECT id FROM responses ORDER BY t")] == ["r2", "r3", "r4"]
+    assert st.prune() == 0
     now[0] = 1125.0  # cutoff 1025: r2 (t = 1020) goes, r3 (t = 1030) stays
     assert st.prune() == 1
     assert st.label({"r2": True, "r3": False}).unknown == ["r2"]

@@ -133,8 +133,13 @@ def fresh_audit_db() -> str:
     import shutil
     import tempfile
 
-    folder = tempfile.mkdtemp(prefix="sentinel-audit-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    folder, owner = tempfile.mkdtemp(prefix="sentinel-audit-"), os.getpid()
+
+    def cleanup():  # in this process only, not in a forked child that runs atexit
+        if os.getpid() == owner:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(cleanup)
     return os.path.join(folder, "audit.sqlite")
 
 

@@ -141,14 +141,16 @@ class AuditStore:
     def add(self, rows) -> None:
         """Record scored responses: ``(id, slice, p_correct)`` triples, stamped now.
 
-        An id already present keeps its first row. Prunes at most every ``prune_every_s``.
+        An id already present keeps its first row.
         """
         now = self._clock()
         self._write(lambda db: db.executemany(
             "INSERT OR IGNORE INTO responses (id, slice, p_correct, t) VALUES (?, ?, ?, ?)",
             [(str(i), str(s), float(p), now) for i, s, p in rows]))
-        if now - self._last_prune >= self.prune_every_s:
-            self.prune()
+
+    def maybe_prune(self) -> int:
+        """:meth:`prune` if the last one is ``prune_every_s`` old; returns rows dropped."""
+        return self.prune() if self._clock() - self._last_prune >= self.prune_every_s else 0
 
     def prune(self) -> int:
         """Drop rows past the retention, then the oldest beyond ``max_rows``; returns how many."""
@@ -156,6 +158,9 @@ class AuditStore:
 
         def fn(db):
             n = db.execute("DELETE FROM responses WHERE t < ?", (now - self.retention_s,)).rowcount
+            lo, hi = db.execute("SELECT min(rowid), max(rowid) FROM responses").fetchone()
+            if lo is None or hi - lo + 1 <= self.max_rows:  # rowids grow: at most hi - lo + 1 rows
+                return n
             return n + db.execute(
                 "DELETE FROM responses WHERE rowid IN (SELECT rowid FROM responses "
                 "ORDER BY t DESC, rowid DESC LIMIT -1 OFFSET ?)", (self.max_rows,)).rowcount
@@ -306,6 +311,16 @@ class ServingAudit:
             await self._run(self.store.add, rows)
         except Exception:  # noqa: BLE001
             log.exception("sentinel audit store: insert")
+            self.error()
+            return
+        # pruning may take a while on a big store: after the insert, not awaited
+        asyncio.get_running_loop().run_in_executor(self.executor, self._prune)
+
+    def _prune(self) -> None:
+        try:
+            self.store.maybe_prune()
+        except Exception:  # noqa: BLE001
+            log.exception("sentinel audit store: prune")
             self.error()
 
     async def post(self, labels: dict[str, bool]) -> dict:
