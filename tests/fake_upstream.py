@@ -8,7 +8,7 @@ The request's ``model`` picks the behaviour:
   :attr:`FakeUpstream.gate` before the rest (proves chunks are not buffered);
 * ``slow``: answers after ``slow_s`` seconds; ``stall``: streams one chunk, then stalls;
 * ``fail500``: HTTP 500; ``auth``: 401 unless ``Authorization: Bearer good``;
-* ``nologprobs``: a 200 answer without logprobs.
+* ``nologprobs``: a 200 answer without logprobs; ``notjson``: a 200 text/plain body.
 
 Every request's body and headers are kept in :attr:`FakeUpstream.seen`.
 """
@@ -79,7 +79,7 @@ class FakeUpstream:
 
     def app(self):
         from starlette.applications import Starlette
-        from starlette.responses import JSONResponse, StreamingResponse
+        from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
         from starlette.routing import Route
 
         async def models(request):
@@ -102,6 +102,8 @@ class FakeUpstream:
                 return JSONResponse({"error": {"message": "bad key", "code": 401}}, status_code=401)
             if model == "slow":
                 await asyncio.sleep(self.slow_s)
+            if model == "notjson":  # a misconfigured upstream (an HTML error page, say)
+                return PlainTextResponse("upstream says hi", headers={"server": "fake-up"})
             if model == "nologprobs":
                 return JSONResponse(chat_response(steps, with_logprobs=False, model=model))
             if body.get("stream") or model in ("gated", "stall"):

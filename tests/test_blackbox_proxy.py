@@ -234,6 +234,29 @@ def test_upstream_without_logprobs_served_with_error_block(env):
     assert 'sentinel_errors_total{model="fake"' in text and 'reason="missing_series"' in text
 
 
+def test_upstream_non_json_200_returned_as_is_and_counted(env):
+    errs = _counter(env, "sentinel_errors_total", reason="upstream")
+    scored = _counter(env, "sentinel_requests_scored_total", slice="a")
+    r = _post(env, {"model": "notjson", "messages": [{"role": "user", "content": "x"}],
+                    "vllm_xargs": {"sentinel_slice": "a"}})
+    assert r.status_code == 200 and r.text == "upstream says hi"
+    assert r.headers["content-type"].startswith("text/plain")
+    assert _counter(env, "sentinel_errors_total", reason="upstream") == errs + 1
+    assert _counter(env, "sentinel_requests_scored_total", slice="a") == scored
+
+
+def test_one_date_and_server_header(env):
+    """uvicorn writes Date and Server; the upstream's are not copied beside them."""
+    for body in ({"model": "notjson", "messages": []}, {"model": "ok", "messages": []}):
+        r = _post(env, body)
+        assert r.status_code == 200
+        for name in ("date", "server"):
+            assert len(r.headers.get_list(name)) == 1, (name, r.headers.get_list(name))
+        assert r.headers["server"] != "fake-up"
+    r = httpx.get(env["proxy"] + "/v1/models")
+    assert len(r.headers.get_list("date")) == 1 and len(r.headers.get_list("server")) == 1
+
+
 def test_slow_upstream_gives_504_and_stalled_stream_ends(env):
     t0 = time.monotonic()
     r = _post(env, {"model": "slow", "messages": []})

@@ -184,7 +184,8 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
         return h
 
     def back_headers(resp, drop_encoding: bool) -> dict:
-        skip = HOP_HEADERS | ({"content-encoding"} if drop_encoding else set())
+        # uvicorn writes its own Date and Server: the upstream's would appear twice
+        skip = HOP_HEADERS | {"date", "server"} | ({"content-encoding"} if drop_encoding else set())
         return {k: v for k, v in resp.headers.items() if k.lower() not in skip}
 
     def record(scored: dict, label: str) -> None:
@@ -253,7 +254,10 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
             obj = loads(data)
             if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
                 raise ValueError
-        except ValueError:
+        except ValueError:  # not an OpenAI answer: returned as it came, counted as a failure
+            log.warning("upstream answered 200 with a body that is not an OpenAI completion "
+                        "(content-type %r): returned without a sentinel block", ctype)
+            metrics.error("upstream")
             return Response(data, status_code=200, headers=headers)
         label = metrics.label_slice(raw_slice)
         try:

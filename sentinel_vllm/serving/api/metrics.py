@@ -83,7 +83,8 @@ DEFAULT_SLICE = "default"
 OTHER_SLICE = "other"
 MAX_LABEL_LEN = 64
 # Error reasons are a closed set so the error counter's cardinality is bounded.
-ERROR_REASONS = ("fetch_timeout", "rpc", "scoring", "missing_series", "nonfinite", "internal", "audit")
+ERROR_REASONS = ("fetch_timeout", "rpc", "scoring", "missing_series", "nonfinite", "internal", "audit",
+                 "upstream")
 #: The :class:`SentinelMetrics` options that ``ServerConfig`` and ``ProxyConfig`` carry under
 #: these names (``serve`` and ``proxy`` read them from the same ``--sentinel-*`` options).
 METRICS_OPTIONS = ("replica", "slices", "max_slices", "window_count", "window_seconds", "baseline",
