@@ -22,8 +22,19 @@ Groups
     The 11 statistics of the top-k series (the trace's own ``k``) besides the chosen
     series, names prefixed ``topk_``.
 
-Only ``stats`` and ``length`` can be computed by serving today; the others need more
-from the worker (see :data:`SERVABLE`).
+Serving computes a row from what the worker returns per finished sample (the 11
+statistics of every recorded series and ``n_steps``) and the choice's ``finish_reason``:
+sets made of ``stats``, ``length`` and ``topk`` are servable (:data:`SERVABLE`); ``tail``
+and ``logprob`` need per-step data the worker does not return.
+
+One definition of a row
+-----------------------
+:class:`FeatureSpec` (a set name and the series its groups read) assembles a row with
+:meth:`FeatureSpec.row` from per-series statistics, ``n_steps`` and whether the
+response stopped at its length limit. :func:`feature_set_matrix` (training, evaluation,
+``score`` on traces) and the serving scorer both call it; a sentinel file declares its
+set with ``feature_names`` (and ``feature_set``, ``topk_k`` in its metadata), read back
+by :func:`spec_from_metadata`.
 """
 
 from __future__ import annotations
@@ -33,15 +44,23 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dataclasses import dataclass
+from typing import Mapping
+
 from sentinel_vllm.features import FEATURE_NAMES, compute_features
-from sentinel_vllm.traces import MissingSeriesError, Trace
+from sentinel_vllm.series import canonical, parse_series_name, series_name
+from sentinel_vllm.traces import MissingSeriesError, Trace, check_series
 
 __all__ = [
     "FEATURE_SETS",
     "SERVABLE",
     "TAIL",
+    "FeatureSpec",
+    "FeatureInputError",
     "feature_names",
     "feature_set_matrix",
+    "length_stop",
+    "spec_from_metadata",
     "length_features",
     "logprob_features",
     "tail_features",
@@ -66,8 +85,11 @@ FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "all": ("stats", "length", "tail", "logprob", "topk"),
 }
 
-# Feature sets serving can compute from the worker contract (11 stats + n_steps + truncated).
-SERVABLE = frozenset({"paper", "paper+length"})
+#: Groups computable from a worker sample (11 statistics per recorded series, ``n_steps``)
+#: and the choice's ``finish_reason``.
+SERVABLE_GROUPS = frozenset({"stats", "length", "topk"})
+#: Feature sets serving can compute (every group in :data:`SERVABLE_GROUPS`).
+SERVABLE = frozenset(n for n, g in FEATURE_SETS.items() if set(g) <= SERVABLE_GROUPS)
 
 
 def _check_set(name: str) -> tuple[str, ...]:
@@ -112,6 +134,153 @@ def logprob_features(logprobs: Sequence[float | None]) -> np.ndarray:
     return np.array([x.mean(), x.std(), x.min(), np.quantile(x, 0.10)])
 
 
+class FeatureInputError(ValueError):
+    """A row cannot be assembled: a series, the finish reason or per-step data is missing."""
+
+
+def length_stop(finish_reason) -> bool | None:
+    """Whether a response stopped at its length limit: ``finish_reason == "length"``.
+
+    None when the finish reason is unknown (None).
+    """
+    return None if finish_reason is None else finish_reason == "length"
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """A feature set and the entropy series its groups read: how one row is assembled.
+
+    Attributes
+    ----------
+    name : str
+        A key of :data:`FEATURE_SETS`.
+    series : str
+        Series of the ``stats``, ``length`` and ``tail`` groups (``"full"``, ``"top20"``, ...).
+    topk_series : str or None
+        Series of the ``topk`` group (``"top<K>"``); None when the set has no such group.
+    """
+
+    name: str
+    series: str
+    topk_series: str | None = None
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return _check_set(self.name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Column names, in row order (what the sentinel file records as ``feature_names``)."""
+        return feature_names(self.name)
+
+    @property
+    def needed_series(self) -> tuple[str, ...]:
+        """Series whose statistics a row needs (the worker must record them)."""
+        return tuple(dict.fromkeys(s for s in (self.series, self.topk_series) if s))
+
+    @property
+    def servable(self) -> bool:
+        """True when serving can compute the row (see :data:`SERVABLE`)."""
+        return self.name in SERVABLE
+
+    @property
+    def needs_finish_reason(self) -> bool:
+        return "length" in self.groups
+
+    def row(self, stats: Mapping[str, Sequence[float]], n_steps: int, stopped_at_length: bool | None = None,
+            per_step: Mapping[str, Sequence[float]] | None = None) -> np.ndarray:
+        """The feature row: the one definition training and serving share.
+
+        Parameters
+        ----------
+        stats : mapping of series name to 11 floats
+            :func:`~sentinel_vllm.features.compute_features` of each series in
+            :attr:`needed_series` (the worker's ``features`` of a sample).
+        n_steps : int
+            Length of the trajectory of :attr:`series` (the worker's ``n_steps``).
+        stopped_at_length : bool or None
+            ``finish_reason == "length"`` (:func:`length_stop`); needed by ``length``.
+        per_step : mapping, optional
+            Values of the groups computed from per-step data (``tail``, ``logprob``);
+            traces only.
+
+        Returns
+        -------
+        ndarray of float64, shape (len(names),)
+
+        Raises
+        ------
+        FeatureInputError
+            A needed series, the finish reason or a per-step group is missing.
+        """
+        parts = []
+        for g in self.groups:
+            if g in ("stats", "topk"):
+                name = self.series if g == "stats" else self.topk_series
+                if name not in stats:
+                    raise FeatureInputError(f"feature set {self.name!r} needs the statistics of "
+                                            f"series {name!r}")
+                parts.append(np.asarray(stats[name], dtype=np.float64).reshape(len(FEATURE_NAMES)))
+            elif g == "length":
+                if stopped_at_length is None:
+                    raise FeatureInputError(f"feature set {self.name!r} needs the response's "
+                                            "finish_reason")
+                parts.append(length_features(n_steps, stopped_at_length))
+            elif per_step is not None and g in per_step:
+                parts.append(np.asarray(per_step[g], dtype=np.float64).reshape(len(GROUP_NAMES[g])))
+            else:
+                raise FeatureInputError(f"feature set {self.name!r}: the {g} features need "
+                                        "per-step data")
+        return np.concatenate(parts)
+
+
+def make_spec(name: str, entropy: str = "full", k: int | None = None,
+              topk_k: int | None = None) -> FeatureSpec:
+    """:class:`FeatureSpec` of set ``name`` on series ``(entropy, k)``; ``topk_k`` for ``topk``.
+
+    Raises
+    ------
+    ValueError
+        Unknown set or series, or a ``topk`` group without ``topk_k``.
+    """
+    groups = _check_set(name)
+    topk = None
+    if "topk" in groups:
+        if topk_k is None:
+            raise ValueError(f"feature set {name!r} needs the k of its top-k series (topk_k)")
+        topk = series_name("topk", int(topk_k))
+    return FeatureSpec(name, series_name(*canonical(entropy, k)), topk)
+
+
+def spec_from_metadata(meta: Mapping, sentinel: str = "sentinel") -> FeatureSpec:
+    """The feature set a sentinel file declares.
+
+    The file's ``feature_names`` must be exactly one set's names (:func:`feature_names`);
+    a ``feature_set`` key, when present, must name that set. The ``topk`` group reads
+    ``top<topk_k>`` (``topk_k`` in the metadata).
+
+    Raises
+    ------
+    ValueError
+        Names of no known set, a ``feature_set`` that disagrees with them, or a
+        ``topk`` set without ``topk_k``. One line, naming the sentinel.
+    """
+    names = tuple(meta.get("feature_names") or FEATURE_NAMES)
+    match = [n for n in FEATURE_SETS if feature_names(n) == names]
+    declared = meta.get("feature_set")
+    if not match:
+        raise ValueError(f"{sentinel} expects features {list(names)}, which are no known feature "
+                         f"set ({', '.join(FEATURE_SETS)})")
+    if declared is not None and declared != match[0]:
+        raise ValueError(f"{sentinel} declares feature set {declared!r} but its feature_names are "
+                         f"those of {match[0]!r}")
+    try:
+        return make_spec(match[0], str(meta.get("entropy", "full")), meta.get("k"),
+                         meta.get("topk_k"))
+    except ValueError as exc:
+        raise ValueError(f"{sentinel}: {exc}") from None
+
+
 def _truncated(t: Trace) -> bool:
     fr = t.extra.get("finish_reason")
     if fr is not None:
@@ -122,32 +291,48 @@ def _truncated(t: Trace) -> bool:
                              "(needed by the length features)")
 
 
-def _group(t: Trace, group: str, entropy: str, k: int | None) -> np.ndarray:
+def trace_row(t: Trace, name: str = "paper", entropy: str = "full", k: int | None = None,
+              topk_k: int | None = None) -> np.ndarray:
+    """One trace's row of feature set ``name``: the worker-style sample, through :meth:`FeatureSpec.row`.
+
+    ``k`` and ``topk_k`` default to the trace's own ``k``.
+
+    Raises
+    ------
+    MissingSeriesError
+        The trace lacks what a group needs (the message names the trace).
+    """
+    groups = _check_set(name)
     s = t.series(entropy, k)
-    if group in ("stats", "length", "tail") and s is None:
+    if s is None:
         raise MissingSeriesError(f"trace {t.id!r} lacks the {entropy} entropy series")
-    if group == "stats":
-        return compute_features(s)
-    if group == "length":
-        return length_features(len(s), _truncated(t))
-    if group == "tail":
-        return tail_features(s)
-    if group == "logprob":
+    kind, kk = parse_series_name(entropy, k)
+    tk_k = t.k if topk_k is None else topk_k
+    if "topk" in groups and tk_k is None:
+        raise MissingSeriesError(f"trace {t.id!r} lacks the topk entropy series")
+    spec = make_spec(name, kind, t.k if kk is None and kind != "full" else kk,
+                     tk_k if "topk" in groups else None)
+    stats = {spec.series: compute_features(s)}
+    if spec.topk_series is not None:
+        tk = t.series(spec.topk_series)
+        if tk is None:
+            raise MissingSeriesError(f"trace {t.id!r} lacks the topk entropy series")
+        stats[spec.topk_series] = compute_features(tk)
+    per_step = {}
+    if "tail" in groups:
+        per_step["tail"] = tail_features(s)
+    if "logprob" in groups:
         lp = t.extra.get("token_logprob")
         if lp is None:
             raise MissingSeriesError(f"trace {t.id!r} has no token_logprob (needed by the logprob features)")
-        return logprob_features(lp)
-    if group == "topk":
-        tk = t.series("topk")
-        if tk is None:
-            raise MissingSeriesError(f"trace {t.id!r} lacks the topk entropy series")
-        return compute_features(tk)
-    raise ValueError(f"unknown feature group {group!r}")
+        per_step["logprob"] = logprob_features(lp)
+    stop = _truncated(t) if "length" in groups else None
+    return spec.row(stats, len(s), stop, per_step)
 
 
 def feature_set_matrix(traces: Sequence[Trace], name: str = "paper", entropy: str = "full",
-                       k: int | None = None) -> np.ndarray:
-    """Feature matrix of feature set ``name``.
+                       k: int | None = None, topk_k: int | None = None) -> np.ndarray:
+    """Feature matrix of feature set ``name`` (rows by :func:`trace_row`).
 
     Parameters
     ----------
@@ -155,6 +340,8 @@ def feature_set_matrix(traces: Sequence[Trace], name: str = "paper", entropy: st
     name : str, default "paper"
         A key of :data:`FEATURE_SETS`.
     entropy, k : the series the ``stats``, ``length`` and ``tail`` groups read.
+    topk_k : int, optional
+        k of the ``topk`` group's series (default: each trace's own ``k``).
 
     Returns
     -------
@@ -166,7 +353,7 @@ def feature_set_matrix(traces: Sequence[Trace], name: str = "paper", entropy: st
         Unknown set; :class:`~sentinel_vllm.traces.MissingSeriesError` when a trace lacks
         what a group needs (the message names the trace).
     """
-    groups = _check_set(name)
     width = len(feature_names(name))
-    rows = [np.concatenate([_group(t, g, entropy, k) for g in groups]) for t in traces]
+    check_series(traces, entropy, k)
+    rows = [trace_row(t, name, entropy, k, topk_k) for t in traces]
     return np.asarray(rows, dtype=np.float64).reshape(len(rows), width)

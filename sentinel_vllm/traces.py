@@ -46,6 +46,7 @@ __all__ = [
     "read_traces",
     "write_traces",
     "feature_matrix",
+    "check_series",
 ]
 
 _KNOWN = {"id", "slice", "correct", "entropy", "k"}
@@ -312,13 +313,14 @@ def feature_matrix(
     MissingSeriesError
         If any trace lacks the series (the message counts them and names the first).
     """
-    rows, missing = [], []
-    for t in traces:
-        s = t.series(entropy, k)
-        if s is None:
-            missing.append(t.id)
-            continue
-        rows.append(compute_features(s))
+    check_series(traces, entropy, k)
+    rows = [compute_features(t.series(entropy, k)) for t in traces]
+    return np.asarray(rows, dtype=np.float64).reshape(len(rows), 11)
+
+
+def check_series(traces: Sequence[Trace], entropy: str = "full", k: int | None = None) -> None:
+    """Raise :class:`MissingSeriesError` if any trace lacks the series (counted, first named)."""
+    missing = [t.id for t in traces if t.series(entropy, k) is None]
     if missing:
         name, kk = parse_series_name(entropy, k)
         label = name if kk is None else f"{name} (k={kk})"
@@ -326,4 +328,3 @@ def feature_matrix(
             f"{len(missing)} of {len(traces)} traces lack the {label} entropy series "
             f"(first: {missing[0]!r})"
         )
-    return np.asarray(rows, dtype=np.float64).reshape(len(rows), 11)

@@ -222,6 +222,11 @@ class TopLogprobsScorer:
                 "top_logprobs give only the top-k entropy: train one on top-k traces "
                 "(sentinel-vllm train --entropy topk --k 20)"
             )
+        if self.scorer.needed_series != (self.scorer.series,):
+            raise SentinelFileError(
+                f"sentinel {self.id} uses feature set {self.scorer.spec.name!r}, which needs series "
+                f"{', '.join(self.scorer.needed_series)}; a response's top_logprobs give one top-k "
+                "series: use a paper or paper+length sentinel")
         self.sentinel_k = int(self.scorer.k)
         self.k = self.sentinel_k if k is None else int(k)
         if self.k != self.sentinel_k and not allow_k_mismatch:
@@ -265,7 +270,7 @@ class TopLogprobsScorer:
             except (ValueError, TypeError) as exc:
                 out[i] = self._error(str(exc), _MISSING, slice_label)
         ids = list(trajs)
-        samples = []
+        samples, finish = [], []
         for i in ids:
             tr = trajs[i]
             try:
@@ -279,7 +284,8 @@ class TopLogprobsScorer:
                     "features": {self.scorer.series: feats},
                 }
             )
-        for i, s in zip(ids, self.scorer.score(samples, [slice_label] * len(ids))):
+            finish.append(choices[i].finish_reason)
+        for i, s in zip(ids, self.scorer.score(samples, [slice_label] * len(ids), finish)):
             tr = trajs[i]
             if s.reason is None:
                 if self.k != self.sentinel_k:

@@ -16,15 +16,18 @@ def add_parser(sub):
 
 
 def score_traces(sentinel_path: str, traces):
-    """Load the sentinel, check it fits the traces, return (sentinel, p_correct)."""
-    from sentinel_vllm.features import FEATURE_NAMES
+    """Load the sentinel, compute its feature set from the traces, return (sentinel, p_correct).
+
+    The file's ``feature_names`` say which set (:func:`~sentinel_vllm.feature_sets.spec_from_metadata`);
+    every set is computable from traces, ``tail`` and ``logprob`` included.
+    """
     from sentinel_vllm.classifier import load_sentinel
-    from sentinel_vllm.traces import feature_matrix
+    from sentinel_vllm.feature_sets import feature_set_matrix, spec_from_metadata
 
     sent = load_sentinel(sentinel_path)
     meta = sent.metadata
-    sent.check_compatible(FEATURE_NAMES, meta["entropy"], meta.get("k"))
-    X = feature_matrix(traces, meta["entropy"], meta.get("k"))
+    spec = spec_from_metadata(meta, f"sentinel {sent.id}")
+    X = feature_set_matrix(traces, spec.name, meta["entropy"], meta.get("k"), meta.get("topk_k"))
     return sent, sent.p_correct(X)
 
 

@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         from sentinel_vllm.model_assets import resolve_model
 
         # short names (smollm2-135m, qwen2.5-coder-0.5b) become their prepared folder
-        args = vllm_argv(resolve_model(ns.model), rest, [scorer.series])
+        args = vllm_argv(resolve_model(ns.model), rest, scorer.needed_series)
     except (ValueError, FileNotFoundError) as exc:
         print(f"sentinel-vllm serve: error: {exc}", file=sys.stderr)
         return 2
@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[CONFIG_ENV] = cfg.to_env()
     args += _cpu_defaults(args)
     print(f"sentinel-vllm serve: sentinel {scorer.id} ({scorer.entropy}"
-          f"{'' if scorer.k is None else f', k={scorer.k}'}, series {scorer.series!r})",
+          f"{'' if scorer.k is None else f', k={scorer.k}'}, feature set {scorer.spec.name!r}, "
+          f"series {','.join(scorer.needed_series)!r})",
           file=sys.stderr, flush=True)
     return run_vllm_serve(args)
 

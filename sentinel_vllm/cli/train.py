@@ -19,6 +19,10 @@ def add_parser(sub):
     p.add_argument("--temperatures", default=None,
                    help="train only on traces sampled at these temperatures (comma list; "
                         "default: all); the temperatures used are recorded in the metadata")
+    p.add_argument("--feature-set", default="paper",
+                   help="features of the file (sentinel_vllm/feature_sets.py): paper (the 11 "
+                        "statistics, default), paper+length, paper+topk (servable), paper+tail, "
+                        "paper+logprob, all (scored from traces only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trained-for", default=None, metavar="MODEL",
                    help="the model the traces come from (stored in the sentinel's metadata); "
@@ -45,8 +49,8 @@ def run(args) -> int:
     import numpy as np
 
     from sentinel_vllm.classifier import SentinelClassifier
+    from sentinel_vllm.feature_sets import FEATURE_SETS, feature_names, feature_set_matrix
     from sentinel_vllm.series import parse_series_name
-    from sentinel_vllm.traces import feature_matrix
 
     _common.check_out(args.out, [*args.traces])
     traces = [t for t in _common.load(args) if t.correct is not None]
@@ -64,7 +68,17 @@ def run(args) -> int:
         traces = [t for t in traces if trace_temperature(t) in want]
     if not traces:
         raise ValueError("no labelled traces to train on")
-    X = feature_matrix(traces, args.entropy, args.k)
+    if args.feature_set not in FEATURE_SETS:
+        raise ValueError(f"unknown --feature-set {args.feature_set!r}; known: {', '.join(FEATURE_SETS)}")
+    extra = {}
+    topk_k = None
+    if "topk" in FEATURE_SETS[args.feature_set]:  # the top-k group reads each trace's own k
+        ks = {t.k for t in traces}
+        if len(ks) != 1 or None in ks:
+            raise ValueError(f"--feature-set {args.feature_set} needs traces of one k; "
+                             f"have {sorted(ks, key=str)}")
+        topk_k = extra["topk_k"] = ks.pop()
+    X = feature_set_matrix(traces, args.feature_set, args.entropy, args.k, topk_k)
     y = np.array([t.correct for t in traces], dtype=int)
     name, k = parse_series_name(args.entropy, args.k)
     if name != "full" and k is None:
@@ -81,9 +95,12 @@ def run(args) -> int:
     trained_for = args.trained_for or next(
         (t.extra.get("generation", {}).get("model") for t in traces
          if isinstance(t.extra.get("generation"), dict)), None)
-    extra = {"trained_for_model": trained_for} if trained_for else {}
+    if trained_for:
+        extra["trained_for_model"] = trained_for
     extra["training_composition"] = _composition(traces)
-    sid = clf.export_onnx(args.out, entropy=name, k=k, training_slices=slices, extra_metadata=extra)
+    extra["feature_set"] = args.feature_set
+    sid = clf.export_onnx(args.out, entropy=name, k=k, training_slices=slices, extra_metadata=extra,
+                          feature_names=feature_names(args.feature_set))
     print(f"trained on {len(y)} traces ({y.mean():.3f} correct) from {slices}; "
           f"wrote {args.out} ({sid})", file=sys.stderr)
     return 0

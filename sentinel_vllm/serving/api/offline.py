@@ -71,7 +71,7 @@ class LLM:
     def __init__(self, model: str, *, sentinel, **vllm_kwargs: Any):
         self.scorer = SentinelScorer.from_path(sentinel)
         launch = vllm_launch_kwargs(
-            [self.scorer.series], logits_processors=vllm_kwargs.pop("logits_processors", None),
+            self.scorer.needed_series, logits_processors=vllm_kwargs.pop("logits_processors", None),
             additional_config=vllm_kwargs.pop("additional_config", None),
             worker_extension_cls=vllm_kwargs.pop("worker_extension_cls", None))
         from vllm import LLM as VllmLLM
@@ -139,14 +139,15 @@ class LLM:
             slices = [slices or "default"] * len(ids)
         try:
             res = merge_answers(self.llm.collective_rpc(RPC_FETCH, args=(ids,))) or {}
-            samples, labels, where = [], [], []
+            samples, labels, finish, where = [], [], [], []
             for out, sid, label in zip(outs, ids, slices):
                 got = {int(s.get("child", 0)): s for s in res.get(sid) or ()}
                 for comp in out.outputs:
                     samples.append(got.get(comp.index))
                     labels.append(str(label))
+                    finish.append(getattr(comp, "finish_reason", None))
                     where.append(comp)
-            for comp, scored in zip(where, self.scorer.score(samples, labels)):
+            for comp, scored in zip(where, self.scorer.score(samples, labels, finish)):
                 comp.sentinel = scored.block
         except Exception as exc:  # noqa: BLE001 (a sentinel failure never costs a response)
             for out, label in zip(outs, slices):

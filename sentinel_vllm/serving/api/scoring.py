@@ -1,12 +1,17 @@
 """Score finished requests with the ONNX sentinel and build the response ``sentinel`` block.
 
 Runs in the API-server process (and in the offline helper), never in the worker:
-the worker hands back the 11 trajectory statistics per sample
-(``sentinel_fetch``), this module turns them into ``P(correct)`` with one
-onnxruntime call per batch (arXiv 2601.09001 Sec. 3.3, forest + isotonic
-calibration exported by :mod:`sentinel_vllm.onnx_graph`).
+the worker hands back the 11 trajectory statistics per recorded series per sample
+(``sentinel_fetch``), this module assembles the row of the sentinel file's feature
+set (:meth:`sentinel_vllm.feature_sets.FeatureSpec.row`, the same definition as
+training) and turns it into ``P(correct)`` with one onnxruntime call per batch
+(arXiv 2601.09001 Sec. 3.3, forest + isotonic calibration exported by
+:mod:`sentinel_vllm.onnx_graph`). Servable sets: ``paper`` (the 11 statistics),
+``paper+length`` (plus ``log_n_steps`` and ``truncated``, from the choice's
+``finish_reason``) and ``paper+topk`` (plus the 11 statistics of the top-k series).
 
-The block (per choice when ``n > 1``, top level when ``n = 1``)::
+The block (per choice when ``n > 1``, top level when ``n = 1``; ``features`` keyed by
+the file's ``feature_names``)::
 
     {"p_correct": 0.71, "features": {"mean": ..., ..., "sum": ...},
      "entropy": "full", "k": 49152, "n_steps": 37, "model": "sentinel-0123abcd4567",
@@ -28,6 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
+from sentinel_vllm.feature_sets import SERVABLE, FeatureInputError, length_stop, spec_from_metadata
 from sentinel_vllm.features import FEATURE_NAMES
 from sentinel_vllm.sentinel_file import DEFAULT_SENTINEL, resolve_sentinel_path
 from sentinel_vllm.series import canonical, series_name, split_series
@@ -55,22 +61,24 @@ def worker_series(scorer, env: str | None) -> str:
     Returns
     -------
     str
-        Comma list: the user's, or ``full,top20`` plus the sentinel's series.
+        Comma list: the user's, or ``full,top20`` plus the sentinel's series
+        (:attr:`SentinelScorer.needed_series`).
 
     Raises
     ------
     ValueError
-        The user's list lacks the sentinel's series.
+        The user's list lacks one of the sentinel's series.
     """
+    needed = getattr(scorer, "needed_series", (scorer.series,))
     if env:
         have = list(split_series(env))
-        if scorer.series not in have:
-            raise ValueError(f"SENTINEL_SERIES={env!r} does not record {scorer.series!r}, the "
+        missing = [s for s in needed if s not in have]
+        if missing:
+            raise ValueError(f"SENTINEL_SERIES={env!r} does not record {', '.join(map(repr, missing))}, "
                              f"series sentinel {scorer.id} scores")
         return ",".join(have)
     series = list(DEFAULT_SERIES)
-    if scorer.series not in series:
-        series.append(scorer.series)
+    series += [s for s in needed if s not in series]
     return ",".join(series)
 
 
@@ -118,22 +126,35 @@ class SentinelScorer:
     Raises
     ------
     ValueError
-        The sentinel's metadata names a feature order other than
-        :data:`~sentinel_vllm.features.FEATURE_NAMES`, or an unusable entropy/k.
+        The sentinel's ``feature_names`` are no known feature set, or a set serving
+        cannot compute (``tail``, ``logprob``: per-step data the worker does not
+        return), or an unusable entropy/k. One line naming the set and the servable ones.
+
+    Attributes
+    ----------
+    spec : FeatureSpec
+        The file's feature set and the series it reads.
+    series : str
+        The series of the 11 statistics (and of ``length``).
+    needed_series : tuple of str
+        Every series the worker must record for this sentinel.
     """
 
     def __init__(self, sentinel, *, vocab_size: int | None = None):
         meta = dict(getattr(sentinel, "metadata", {}) or {})
-        names = meta.get("feature_names")
-        if names is not None and tuple(names) != FEATURE_NAMES:
+        sid = str(getattr(sentinel, "id", "sentinel-unknown"))
+        spec = spec_from_metadata(meta, f"sentinel {sid}")
+        if not spec.servable:
             raise ValueError(
-                f"sentinel {getattr(sentinel, 'id', '?')} expects features {list(names)}, "
-                f"serving computes {list(FEATURE_NAMES)}"
-            )
+                f"sentinel {sid} uses feature set {spec.name!r}, which serving cannot compute "
+                "(it needs per-step data the worker does not return); servable feature sets: "
+                f"{', '.join(sorted(SERVABLE))}")
         self.sentinel = sentinel
-        self.id = str(getattr(sentinel, "id", "sentinel-unknown"))
+        self.id = sid
+        self.spec = spec
         self.entropy, self.k = canonical(str(meta.get("entropy", "full")), meta.get("k"))
-        self.series = series_name(self.entropy, self.k)
+        self.series = spec.series
+        self.needed_series = spec.needed_series
         self.vocab_size = vocab_size
 
     @classmethod
@@ -159,7 +180,8 @@ class SentinelScorer:
             return self.k
         return int(self.vocab_size or 0)
 
-    def score(self, samples: Sequence[dict | None], slices: Sequence[str]) -> list[ScoredSample]:
+    def score(self, samples: Sequence[dict | None], slices: Sequence[str],
+              finish_reasons: Sequence[str | None] | None = None) -> list[ScoredSample]:
         """Score samples in one onnxruntime call.
 
         Parameters
@@ -170,6 +192,10 @@ class SentinelScorer:
             for a sample the worker did not return.
         slices : sequence of str
             Bounded slice label of each sample.
+        finish_reasons : sequence of str or None, optional
+            Each choice's ``finish_reason`` (``"length"`` sets the ``truncated``
+            feature); needed only by a feature set with the ``length`` group, whose
+            samples without one get an error block.
 
         Returns
         -------
@@ -179,9 +205,11 @@ class SentinelScorer:
         """
         out: list[ScoredSample | None] = [None] * len(samples)
         rows, parsed, where = [], [], []
-        for i, (s, sl) in enumerate(zip(samples, slices)):
+        if finish_reasons is None:
+            finish_reasons = [None] * len(samples)
+        for i, (s, sl, fr) in enumerate(zip(samples, slices, finish_reasons)):
             try:
-                sample = self._parse(s)
+                sample = self._parse(s, fr)
             except _SampleError as exc:
                 out[i] = ScoredSample(error_block(str(exc), exc.reason, sl), exc.reason)
                 continue
@@ -203,7 +231,7 @@ class SentinelScorer:
                 out[i] = self._block(parsed[j], X[j], float(p[j]), slices[i])
         return out  # type: ignore[return-value]
 
-    def _parse(self, s) -> tuple[list[float], int, int, bool]:
+    def _parse(self, s, finish_reason=None) -> tuple[np.ndarray, int, int, bool]:
         """``(row, n_steps, nan_steps, truncated)`` of one worker sample.
 
         Raises
@@ -217,14 +245,15 @@ class SentinelScorer:
             feats = s.get("features")
             if not isinstance(feats, dict):
                 raise TypeError(f"'features' is {type(feats).__name__}, not an object of series")
-            series = feats.get(self.series)
-            if series is None:
-                raise _SampleError(
-                    f"worker did not collect series {self.series!r} needed by {self.id} "
-                    f"(collected: {sorted(map(str, feats))})",
-                    "missing_series",
-                )
-            row = [_number(v, float) for v in series]
+            stats = {}
+            for name in self.needed_series:
+                if feats.get(name) is None:
+                    raise _SampleError(
+                        f"worker did not collect series {name!r} needed by {self.id} "
+                        f"(collected: {sorted(map(str, feats))})",
+                        "missing_series",
+                    )
+                stats[name] = [_number(v, float) for v in feats[name]]
             n_steps = _number(s.get("n_steps", 0), int)
             nan_steps = _number(s.get("nan_steps", 0) or 0, int)
             truncated = s.get("truncated", False)
@@ -236,14 +265,19 @@ class SentinelScorer:
         except Exception as exc:  # noqa: BLE001 (anything odd in the worker's answer)
             raise _SampleError(f"malformed sample from the worker: {type(exc).__name__}: {exc}",
                                "internal") from None
-        if len(row) != len(FEATURE_NAMES):
-            raise _SampleError(
-                f"expected {len(FEATURE_NAMES)} features, got {len(row)}", "internal")
-        if not all(math.isfinite(v) for v in row):
-            raise _SampleError("non-finite trajectory statistics", "nonfinite")
+        for values in stats.values():
+            if len(values) != len(FEATURE_NAMES):
+                raise _SampleError(
+                    f"expected {len(FEATURE_NAMES)} features, got {len(values)}", "internal")
+            if not all(math.isfinite(v) for v in values):
+                raise _SampleError("non-finite trajectory statistics", "nonfinite")
         if nan_steps > 0 and n_steps == 0:  # statistics of no finite step: all zeros
             raise _SampleError(f"all {nan_steps} decode steps had non-finite logits: no entropy "
                                "trajectory to score", "nonfinite")
+        try:
+            row = self.spec.row(stats, n_steps, length_stop(finish_reason))
+        except FeatureInputError as exc:
+            raise _SampleError(str(exc), "missing_series") from None
         return row, n_steps, nan_steps, bool(truncated)
 
     def _block(self, sample: tuple, x: np.ndarray, p: float, slice_label: str) -> ScoredSample:
@@ -253,7 +287,7 @@ class SentinelScorer:
         _, n_steps, nan_steps, truncated = sample
         block = {
             "p_correct": p,
-            "features": {name: float(v) for name, v in zip(FEATURE_NAMES, x)},
+            "features": {name: float(v) for name, v in zip(self.spec.names, x)},
             "entropy": self.entropy,
             "k": self.k_reported,
             "n_steps": n_steps,
