@@ -92,13 +92,16 @@ class BatchFetcher:
         self.rpc_calls = 0
 
     async def blocks(self, sentinel_id: str, n: int, slice_label: str, *,
-                     fault: bool = False) -> dict[int, dict]:
+                     fault: bool = False, finish_reasons: dict | None = None) -> dict[int, dict]:
         """Blocks per choice index for a finished request (never raises).
 
-        ``fault=True`` (tests) makes the ONNX call of this request's batch raise.
+        ``finish_reasons``: ``{choice index: finish_reason}`` (the ``length`` features
+        of a sentinel's feature set need it). ``fault=True`` (tests) makes the ONNX
+        call of this request's batch raise.
         """
         fut = asyncio.get_running_loop().create_future()
         self._pending[sentinel_id] = {"fut": fut, "n": n, "slice": slice_label, "got": {},
+                                      "finish": dict(finish_reasons or {}),
                                       "traj": {}, "fault": fault,
                                       "deadline": time.monotonic() + self.timeout_s}
         if self._task is None or self._task.done():
@@ -143,18 +146,19 @@ class BatchFetcher:
 
     async def _score(self, ids: list[str]) -> None:
         entries = [self._pending.pop(sid) for sid in ids]
-        samples, slices, owner = [], [], []
+        samples, slices, finish, owner = [], [], [], []
         for sid, e in zip(ids, entries):
             for child in range(e["n"]):
                 samples.append(e["got"].get(child))
                 slices.append(e["slice"])
+                finish.append(e["finish"].get(child))
                 owner.append((sid, child))
         loop = asyncio.get_running_loop()
         scorer = self.scorer
         if any(e["fault"] for e in entries):
             scorer = SentinelScorer(_FaultySentinel(scorer.sentinel), vocab_size=scorer.vocab_size)
         try:
-            scored = await loop.run_in_executor(self.executor, scorer.score, samples, slices)
+            scored = await loop.run_in_executor(self.executor, scorer.score, samples, slices, finish)
         except Exception as exc:  # noqa: BLE001 (score() should not raise; belt and braces)
             for sid, e in zip(ids, entries):
                 self._resolve(e, {c: error_block(str(exc), "internal", e["slice"]) for c in range(e["n"])})

@@ -313,7 +313,7 @@ class SentinelMiddleware:
             n_choices = opts.n * _n_prompts(obj.get("prompt"))
             blocks_fn = _const_error("the sentinel scores one prompt per /v1/completions request")
         else:
-            async def blocks_fn(n):  # called only once vLLM answered 200 and finished
+            async def blocks_fn(n, finish_reasons=None):  # once vLLM answered 200 and finished
                 try:
                     st = self.state(scope)
                     label = st.metrics.label_slice(opts.slice)  # claimed only now
@@ -321,7 +321,8 @@ class SentinelMiddleware:
                     log.exception("sentinel state")
                     return {i: error_block(f"sentinel unavailable: {exc}", "internal")
                             for i in range(n)}
-                return await st.fetcher.blocks(opts.sentinel_id, n, label, fault=fault)
+                return await st.fetcher.blocks(opts.sentinel_id, n, label, fault=fault,
+                                               finish_reasons=finish_reasons)
         rw = ResponseRewriter(send, blocks_fn, n_choices)
         try:
             await self.app(scope, _replay(new_raw, receive), rw.send)
@@ -381,7 +382,7 @@ def _n_prompts(prompt) -> int:
 
 
 def _const_error(message: str):
-    async def fn(n):
+    async def fn(n, finish_reasons=None):
         return {i: error_block(message, "internal") for i in range(n)}
     return fn
 

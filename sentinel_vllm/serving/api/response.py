@@ -194,6 +194,32 @@ _MISSING = {"error": "no sentinel result", "reason": "internal"}
 RESPONSES_FINAL = ("response.completed", "response.incomplete", "response.failed")
 
 
+def finish_reasons(obj) -> dict[int, str]:
+    """``{choice index: finish_reason}`` of a response object or a stream chunk (final ones only).
+
+    A Responses API object has one output (index 0): ``"length"`` when it is
+    ``incomplete`` for ``max_output_tokens``, else ``"stop"`` once completed.
+    Used by feature sets with the ``length`` group (``truncated`` =
+    ``finish_reason == "length"``).
+    """
+    if not isinstance(obj, dict):
+        return {}
+    resp = obj.get("response") if isinstance(obj.get("response"), dict) else obj
+    if resp.get("object") == "response":
+        details = resp.get("incomplete_details") or {}
+        if resp.get("status") == "incomplete" and isinstance(details, dict):
+            return {0: "length" if details.get("reason") == "max_output_tokens" else "stop"}
+        return {0: "stop"} if resp.get("status") == "completed" else {}
+    out = {}
+    for pos, c in enumerate(obj.get("choices") or ()):
+        if isinstance(c, dict) and c.get("finish_reason") is not None:
+            try:
+                out[int(c.get("index", pos) or 0)] = str(c["finish_reason"])
+            except (TypeError, ValueError):
+                continue
+    return out
+
+
 def attach_blocks(response: dict, blocks: dict[int, dict], n: int) -> dict:
     """Add the sentinel block(s) to a non-streaming JSON response, in place.
 
@@ -254,6 +280,7 @@ class SSERewriter:
         self._tail = b""
         self.done = False
         self.usage: dict | None = None
+        self.finish_reasons: dict[int, str] = {}  # per choice, from the held events
 
     def feed(self, data: bytes) -> bytes:
         """Consume bytes; return the bytes to forward now."""
@@ -277,6 +304,7 @@ class SSERewriter:
                 out.append(event + b"\n\n")
                 continue
             self._held.append(([ln for ln in event.splitlines() if not ln.startswith(b"data:")], obj))
+            self.finish_reasons.update(finish_reasons(obj))
             if kind == "final":
                 self.done = True
                 self._tail, self._buf = self._buf, b""

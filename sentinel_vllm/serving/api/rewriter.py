@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 
-from sentinel_vllm.serving.api.response import SSERewriter, attach_blocks
+from sentinel_vllm.serving.api.response import SSERewriter, attach_blocks, finish_reasons
 from sentinel_vllm.serving.api.scoring import error_block
 
 __all__ = ["ResponseRewriter"]
@@ -27,9 +27,10 @@ class ResponseRewriter:
     Parameters
     ----------
     send : ASGI send callable
-    blocks_fn : async callable ``(n) -> {choice index: block}``
+    blocks_fn : async callable ``(n, finish_reasons) -> {choice index: block}``
         Called once, when the response is complete (JSON) or the stream reached
-        its end; never for a non-200 answer.
+        its end; never for a non-200 answer. ``finish_reasons``: ``{choice index:
+        finish_reason}`` read from the response (the ``length`` features need it).
     n : int
         Choices requested.
 
@@ -47,9 +48,9 @@ class ResponseRewriter:
         self._buf: list[bytes] = []
         self._sse = SSERewriter(n)
 
-    async def _blocks(self) -> dict[int, dict]:
+    async def _blocks(self, finish: dict[int, str]) -> dict[int, dict]:
         try:
-            return await self._blocks_fn(self.n)
+            return await self._blocks_fn(self.n, finish)
         except Exception as exc:  # noqa: BLE001 (the response must be served)
             log.exception("sentinel blocks")
             return {i: error_block(f"{type(exc).__name__}: {exc}", "internal") for i in range(self.n)}
@@ -73,7 +74,7 @@ class ResponseRewriter:
             out = self._sse.feed(body)
             if self._sse.done and not self.completed:
                 self.completed = True
-                out += self._sse.release(await self._blocks())
+                out += self._sse.release(await self._blocks(self._sse.finish_reasons))
             if not more:
                 out += self._sse.flush()
             if out or not more:
@@ -90,7 +91,8 @@ class ResponseRewriter:
         except ValueError:
             pass
         else:
-            data = json.dumps(attach_blocks(obj, await self._blocks(), self.n)).encode()
+            blocks = await self._blocks(finish_reasons(obj))
+            data = json.dumps(attach_blocks(obj, blocks, self.n)).encode()
             self.completed = True
         headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(data)).encode()))
