@@ -27,6 +27,8 @@ from sentinel_vllm.serving.api.response import finish_reasons
 from sentinel_vllm.serving.api.scoring import SentinelScorer, worker_series
 from sentinel_vllm.serving.contract import vllm_launch_kwargs
 from sentinel_vllm.traces import Trace, read_traces, write_traces
+from openai_fixtures import chat_response, choice_steps
+from serving_helpers import make_tiny_sentinel
 from synthetic import make_traces
 
 
@@ -114,10 +116,13 @@ def trained(tmp_path_factory):
             else "stop"
     write_traces(d / "t.jsonl", recs)
     files = {}
-    for name in ("paper", "paper+length", "paper+topk", "paper+tail"):
+    for name in ("paper+length", "paper+topk", "paper+tail"):
         files[name] = d / f"{name}.onnx"
         assert main(["train", str(d / "t.jsonl"), "--feature-set", name, "--out",
                      str(files[name])]) == 0
+    files["top20+length"] = d / "top20+length.onnx"  # for the black-box path
+    assert main(["train", str(d / "t.jsonl"), "--entropy", "topk", "--feature-set", "paper+length",
+                 "--out", str(files["top20+length"])]) == 0
     return d / "t.jsonl", files
 
 
@@ -156,10 +161,10 @@ def test_scorer_serves_trained_feature_sets(trained, name):
         assert bad.reason == "missing_series" and "finish_reason" in bad.block["error"]
 
 
-def test_paper_block_is_unchanged(trained):
+def test_paper_block_is_unchanged(tmp_path):
     """The paper set keeps the 11 statistics, byte-identical to the worker's numbers."""
-    _, files = trained
-    sc = SentinelScorer.from_path(files["paper"])
+    make_tiny_sentinel(tmp_path / "p.onnx")
+    sc = SentinelScorer.from_path(tmp_path / "p.onnx")
     s = _worker_sample({"full": [0.25, 3.0, 0.5]})
     (o,) = sc.score([s], ["s"])
     assert list(o.block["features"]) == list(FEATURE_NAMES)
@@ -219,3 +224,24 @@ def test_finish_reasons_from_responses():
     assert finish_reasons({"type": "response.completed",
                            "response": {"object": "response", "status": "completed"}}) == {0: "stop"}
     assert finish_reasons({"choices": []}) == {} and finish_reasons(None) == {}
+
+
+def test_blackbox_scores_paper_length_from_top_logprobs(trained):
+    """The proxy's scorer: top-20 statistics, n_steps and the choice's finish_reason."""
+    from sentinel_vllm.blackbox.client import TopLogprobsScorer, trajectories
+    from sentinel_vllm.sentinel_file import SentinelFileError
+
+    _, files = trained
+    sc = TopLogprobsScorer(files["top20+length"])
+    resp = chat_response([choice_steps(1, 6, 20), choice_steps(2, 9, 20)])
+    resp["choices"][1]["finish_reason"] = "length"
+    blocks = sc.blocks(resp)
+    sent = load_sentinel(files["top20+length"])
+    for i, (n, trunc) in enumerate([(6, 0.0), (9, 1.0)]):
+        h = trajectories(resp)[i].entropy
+        x = np.concatenate([compute_features(h), [math.log1p(n), trunc]])
+        assert blocks[i]["features"]["log_n_steps"] == pytest.approx(math.log(1 + n), abs=1e-15)
+        assert blocks[i]["features"]["truncated"] == trunc
+        assert blocks[i]["p_correct"] == pytest.approx(sent.p_correct(x[None])[0], abs=1e-12)
+    with pytest.raises(SentinelFileError, match="full-vocabulary"):
+        TopLogprobsScorer(files["paper+length"])
