@@ -53,10 +53,20 @@ from sentinel_vllm.blackbox.rewrite import (
     upstream_error,
 )
 
-__all__ = ["ProxyConfig", "build_app", "TRACKED_PATHS"]
+__all__ = ["ProxyConfig", "build_app", "client_json", "TRACKED_PATHS"]
 
 log = logging.getLogger("sentinel_vllm.proxy")
 TRACKED_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+def client_json(raw: bytes) -> dict | None:
+    """A client body's JSON object, or None (not JSON, nested too deeply for the parser,
+    not an object): then the body goes to the upstream untouched and it answers."""
+    try:
+        body = loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def _error(status: int, message: str, kind: str):
@@ -218,12 +228,7 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
 
     async def tracked(request):
         raw = await request.body()
-        try:
-            body = loads(raw)
-            if not isinstance(body, dict):
-                raise ValueError
-        except ValueError:
-            body = None
+        body = client_json(raw)
         enabled, raw_slice = False, None
         if body is not None:
             body, enabled, raw_slice = client_options(body, request.headers)

@@ -3,14 +3,18 @@
 Body: a JSON list of ``{"id": "<block id>", "correct": true|false}``, or
 ``{"labels": [...]}``, or JSON Lines of the same objects (the format
 ``sentinel-vllm audit --labels`` reads; one definition,
-:func:`sentinel_vllm.audit.parse_label`). Validation is all or nothing: any bad
-item gives 400 naming it (``item 3: ...`` / ``line 3: ...``) and nothing is
-stored. More than :data:`MAX_LABELS` labels, or a body over :data:`MAX_BODY_BYTES`,
-gives 413. The 200 answer counts the labels ``accepted`` (new), ``updated``
-(replacing an earlier label) and ``unknown`` (ids the store does not hold, the
-first few listed in ``unknown_ids``), with the audited estimate of every slice the
-labels touched (``slices``: :meth:`sentinel_vllm.audit.AuditEstimate.as_dict`).
-The middleware checks the API key first, as for ``/sentinel/stats``.
+:func:`sentinel_vllm.audit.parse_label`); a single object is one label, an integer
+id is taken as its decimal string, a leading UTF-8 byte order mark is skipped.
+Validation is all or nothing: any bad item gives 400 naming it (``item 3: ...`` /
+``line 3: ...``) and nothing is stored; JSON nested too deeply for the parser is
+"not JSON" (400). More than :data:`MAX_LABELS` labels, or a body over
+:data:`MAX_BODY_BYTES`, gives 413. The 200 answer counts the distinct ids
+(``labels``), those ``accepted`` (new), ``updated`` (replacing an earlier label) and
+``unknown`` (ids the store does not hold, the first few listed in ``unknown_ids``),
+with the audited estimate of every slice the labels touched (``slices``:
+:meth:`sentinel_vllm.audit.AuditEstimate.as_dict`). The middleware checks the API
+key first, as for ``/sentinel/stats``; another method than POST then gets 405
+(``Allow: POST``).
 """
 
 from __future__ import annotations
@@ -47,12 +51,12 @@ def parse_body(raw: bytes) -> dict[str, bool]:
     from sentinel_vllm.audit import labels_from
 
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a leading byte order mark is accepted
     except UnicodeDecodeError:
         raise BodyError(400, "the body is not UTF-8") from None
     try:
         obj = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
         lines = [(i, ln) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()]
         if len(lines) < 2:
             raise BodyError(400, f"the body is not JSON ({exc})") from None
@@ -60,7 +64,7 @@ def parse_body(raw: bytes) -> dict[str, bool]:
         for i, ln in lines:  # JSON Lines
             try:
                 records.append((f"line {i}", json.loads(ln)))
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise BodyError(400, f"line {i}: not JSON ({e})") from None
     else:
         if isinstance(obj, dict) and "labels" in obj:
@@ -97,12 +101,15 @@ async def read_capped(receive, limit: int = MAX_BODY_BYTES) -> bytes:
     return b"".join(chunks)
 
 
-async def handle_labels(get_audit, receive, send) -> None:
-    """Answer one (authorized) ``POST /sentinel/labels``.
+async def handle_labels(get_audit, receive, send, method: str = "POST") -> None:
+    """Answer one (authorized) request to ``/sentinel/labels``: 405 unless ``POST``.
 
     ``get_audit()`` returns the process's ServingAudit, or None (or raises) when the
     store is not available: 503.
     """
+    if method != "POST":
+        return await send_json(send, 405, {"error": "Method Not Allowed: POST only"},
+                               [(b"allow", b"POST")])
     try:
         labels = parse_body(await read_capped(receive))
     except BodyError as exc:
@@ -124,10 +131,10 @@ async def handle_labels(get_audit, receive, send) -> None:
     await send_json(send, 200, body)
 
 
-async def send_json(send, status: int, body: dict) -> None:
-    """A complete JSON response (strict JSON)."""
+async def send_json(send, status: int, body: dict, headers=()) -> None:
+    """A complete JSON response (strict JSON), with extra ``headers`` (bytes pairs)."""
     data = json.dumps(body, allow_nan=False).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(data)).encode())]})
+                            (b"content-length", str(len(data)).encode()), *headers]})
     await send({"type": "http.response.body", "body": data})

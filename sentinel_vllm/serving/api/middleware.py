@@ -229,11 +229,11 @@ class SentinelMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, method = scope.get("path", ""), scope.get("method", "GET")
-        if (method, path) in (("GET", "/sentinel/stats"), ("POST", LABELS_PATH)):
+        if (method, path) == ("GET", "/sentinel/stats") or path == LABELS_PATH:
             if not self._authorized(scope):
                 return await send_json(send, 401, {"error": "Unauthorized"})
-            if path == LABELS_PATH:
-                return await handle_labels(lambda: self.state(scope).audit, receive, send)
+            if path == LABELS_PATH:  # 405 but for POST
+                return await handle_labels(lambda: self.state(scope).audit, receive, send, method)
             return await self._stats(scope, send)
         if method == "POST" and path in SENTINEL_PATHS and self._authorized(scope):
             return await self._tracked(scope, receive, send)
@@ -353,9 +353,10 @@ async def _read_body(receive):
 
 
 def _json_object(raw: bytes) -> dict | None:
+    """The body's JSON object, or None: not JSON, nested too deeply, or not an object."""
     try:
         obj = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return obj if isinstance(obj, dict) else None
 
