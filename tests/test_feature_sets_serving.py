@@ -245,3 +245,68 @@ def test_blackbox_scores_paper_length_from_top_logprobs(trained):
         assert blocks[i]["p_correct"] == pytest.approx(sent.p_correct(x[None])[0], abs=1e-12)
     with pytest.raises(SentinelFileError, match="full-vocabulary"):
         TopLogprobsScorer(files["paper+length"])
+
+
+def test_middleware_passes_each_finish_reason(trained):
+    """Through the API-server middleware (fake vLLM app, real rewriter/fetcher/scorer): the
+    ``truncated`` feature of each choice is its own finish_reason, in a JSON body and a stream."""
+    import asyncio
+    import json
+
+    httpx = pytest.importorskip("httpx")
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    from sentinel_vllm.serving.api.metrics import SentinelMetrics
+    from sentinel_vllm.serving.api.middleware import SentinelMiddleware, ServerConfig
+
+    _, files = trained
+    parked, reasons, T = {}, ["length", "stop"], 7
+
+    class Engine:
+        async def collective_rpc(self, method, args=()):
+            return [{sid: parked.pop(sid) for sid in args[0] if sid in parked}]
+
+    async def chat(request):
+        body = await request.json()
+        xa = body["vllm_xargs"]
+        parked[xa["sentinel_id"]] = [
+            {**_worker_sample({"full": [0.2 * (c + 1) + 0.1 * i for i in range(T)]}), "child": c}
+            for c in range(2)]
+        if not body.get("stream"):
+            return JSONResponse({"object": "chat.completion", "choices": [
+                {"index": c, "message": {"content": "x"}, "finish_reason": reasons[c]}
+                for c in range(2)]})
+
+        async def gen():
+            for c in range(2):
+                yield "data: " + json.dumps({"object": "chat.completion.chunk", "choices": [
+                    {"index": c, "delta": {"content": "y"}, "finish_reason": reasons[c]}]}) + "\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    app.state.engine_client = Engine()
+    reg = prometheus_client.CollectorRegistry()
+    app.add_middleware(SentinelMiddleware, config=ServerConfig(sentinel=str(files["paper+length"]),
+                                                               batch_delay_s=0.01),
+                       metrics_factory=lambda **kw: SentinelMetrics(registry=reg, **kw))
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://t") as client:
+            r = await client.post("/v1/chat/completions", json={"messages": [], "n": 2})
+            blocks = [c["sentinel"] for c in r.json()["choices"]]
+            r = await client.post("/v1/chat/completions",
+                                  json={"messages": [], "n": 2, "stream": True})
+            chunks = [json.loads(ln[6:]) for ln in r.text.splitlines()
+                      if ln.startswith("data: {")]
+            return blocks, [c["choices"][0]["sentinel"] for c in chunks]
+
+    for blocks in asyncio.run(go()):
+        assert [b["features"]["truncated"] for b in blocks] == [1.0, 0.0], blocks
+        assert [b["features"]["log_n_steps"] for b in blocks] == [math.log(1 + T)] * 2
+        assert all(b["p_correct"] == pytest.approx(load_sentinel(files["paper+length"]).p_correct(
+            [list(b["features"].values())])[0], abs=1e-12) for b in blocks)
