@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import sqlite3
 
 import pytest
 
@@ -97,6 +98,11 @@ def test_audit_store_options(tmp_path, monkeypatch, capsys, no_vllm):
     argv = ["serve", "m", "--sentinel", str(s)]
     assert main([*argv, "--sentinel-audit-db", str(tmp_path / "no" / "dir.sqlite")]) == 2
     assert "cannot open the audit store" in capsys.readouterr().err
+    other = tmp_path / "other.sqlite"  # an unrelated SQLite file with a responses table
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE responses (id TEXT, body TEXT)")
+    assert main([*argv, "--sentinel-audit-db", str(other)]) == 2
+    assert f"{other} is not a sentinel audit store" in capsys.readouterr().err
     assert main([*argv, "--sentinel-audit-retention", "0"]) == 2
     assert main([*argv, "--sentinel-audit-max-rows", "0"]) == 2
     parser = argparse.ArgumentParser()

@@ -48,6 +48,21 @@ CREATE INDEX IF NOT EXISTS responses_t ON responses (t);
 """
 
 
+_COLUMNS = {"id", "slice", "p_correct", "t", "label"}
+
+
+def _check_schema(db, path) -> None:
+    """ValueError for a database that holds other tables than the store's, or a ``responses``
+    table without its columns (nothing is added to it)."""
+    tables = {r[0] for r in db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
+    columns = {r[1] for r in db.execute("PRAGMA table_info(responses)")}
+    if tables - {"responses"} or (tables and not _COLUMNS <= columns):
+        db.close()
+        raise ValueError(f"{path} is not a sentinel audit store (tables {sorted(tables)}; "
+                         f"the store has one table, responses ({', '.join(sorted(_COLUMNS))}))")
+
+
 def audit_id(sentinel_id: str, child: int, n: int) -> str:
     """The audit id of choice ``child`` of a request: its sentinel id for ``n = 1``,
     ``"<sentinel id>.<choice index>"`` for ``n > 1`` (``snt-<32 hex>.1``)."""
@@ -113,11 +128,11 @@ class AuditStore:
         try:
             self._db = sqlite3.connect(path or ":memory:", timeout=BUSY_TIMEOUT_S,
                                        isolation_level=None, check_same_thread=False)
+            _check_schema(self._db, path)  # first: an unrelated file is left as it was
             if path:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
-            self._db.execute("SELECT id, slice, p_correct, t, label FROM responses LIMIT 0")
         except sqlite3.Error as exc:
             raise ValueError(f"cannot open the audit store {path}: {exc}") from exc
 
