@@ -86,8 +86,9 @@ def test_client_chosen_ids_never_reach_the_worker(server):
         r = c.post("/v1/completions", json={"model": str(MODEL), "prompt": ["a b", "c d"], "max_tokens": 4,
                                             "vllm_xargs": dict(xa, sentinel_id="client-c")})
         assert r.status_code == 200, r.text
-        assert [c["sentinel"]["error"] for c in r.json()["choices"]] == [
-            "the sentinel scores one prompt per /v1/completions request"] * 2
+        assert [c["sentinel"] for c in r.json()["choices"]] == [{
+            "error": "the sentinel scores one prompt per /v1/completions request",
+            "reason": "unsupported", "slice": "default"}] * 2
         r = c.post("/v1/chat/completions", json={"model": str(MODEL), "messages": _msg(1), "max_tokens": 4,
                                                  "vllm_xargs": dict(xa, sentinel_id="client-ch")})
         assert r.status_code == 200

@@ -82,9 +82,11 @@ __all__ = [
 DEFAULT_SLICE = "default"
 OTHER_SLICE = "other"
 MAX_LABEL_LEN = 64
-# Error reasons are a closed set so the error counter's cardinality is bounded.
+# Error reasons are a closed set so the error counter's cardinality is bounded (docs/serving.md,
+# "The response block"); "unsupported": a request the sentinel cannot score by design
+# (several prompts in one /v1/completions request).
 ERROR_REASONS = ("fetch_timeout", "rpc", "scoring", "missing_series", "nonfinite", "internal", "audit",
-                 "upstream")
+                 "upstream", "unsupported")
 #: The :class:`SentinelMetrics` options that ``ServerConfig`` and ``ProxyConfig`` carry under
 #: these names (``serve`` and ``proxy`` read them from the same ``--sentinel-*`` options).
 METRICS_OPTIONS = ("replica", "slices", "max_slices", "window_count", "window_seconds", "baseline",

@@ -67,6 +67,7 @@ from sentinel_vllm.serving.contract import (
 __all__ = ["ServerConfig", "SentinelMiddleware", "CONFIG_ENV"]
 
 log = logging.getLogger("sentinel_vllm.serving")
+MULTI_PROMPT = "the sentinel scores one prompt per /v1/completions request"
 
 
 @dataclass
@@ -308,21 +309,22 @@ class SentinelMiddleware:
         scope = _with_length(scope, len(new_raw))
         if not opts.enabled:
             return await self.app(scope, _replay(new_raw, receive), send)
-        n_choices = opts.n
-        if multi_prompt:  # every choice of every prompt gets the error block
-            n_choices = opts.n * _n_prompts(obj.get("prompt"))
-            blocks_fn = _const_error("the sentinel scores one prompt per /v1/completions request")
-        else:
-            async def blocks_fn(n, finish_reasons=None):  # once vLLM answered 200 and finished
-                try:
-                    st = self.state(scope)
-                    label = st.metrics.label_slice(opts.slice)  # claimed only now
-                except Exception as exc:  # noqa: BLE001
-                    log.exception("sentinel state")
-                    return {i: error_block(f"sentinel unavailable: {exc}", "internal")
-                            for i in range(n)}
-                return await st.fetcher.blocks(opts.sentinel_id, n, label, fault=fault,
-                                               finish_reasons=finish_reasons)
+        # several prompts: every choice of every prompt gets the "unsupported" block
+        n_choices = opts.n * (_n_prompts(obj.get("prompt")) if multi_prompt else 1)
+
+        async def blocks_fn(n, finish_reasons=None):  # once vLLM answered 200 and finished
+            try:
+                st = self.state(scope)
+                label = st.metrics.label_slice(opts.slice)  # claimed only now
+            except Exception as exc:  # noqa: BLE001
+                log.exception("sentinel state")
+                return {i: error_block(f"sentinel unavailable: {exc}", "internal") for i in range(n)}
+            if multi_prompt:
+                for _ in range(n):
+                    st.metrics.error("unsupported")
+                return {i: error_block(MULTI_PROMPT, "unsupported", label) for i in range(n)}
+            return await st.fetcher.blocks(opts.sentinel_id, n, label, fault=fault,
+                                           finish_reasons=finish_reasons)
         rw = ResponseRewriter(send, blocks_fn, n_choices)
         try:
             await self.app(scope, _replay(new_raw, receive), rw.send)
@@ -380,12 +382,6 @@ def _n_prompts(prompt) -> int:
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         return len(prompt)
     return 1
-
-
-def _const_error(message: str):
-    async def fn(n, finish_reasons=None):
-        return {i: error_block(message, "internal") for i in range(n)}
-    return fn
 
 
 def _replay(body: bytes, receive, extra=None):
