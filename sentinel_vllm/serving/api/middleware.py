@@ -153,7 +153,7 @@ class ServerConfig:
 
 
 class _State:
-    """Per-process objects created on the first request (they need the engine client)."""
+    """Per-process objects created on the first request or scrape (they need the engine client)."""
 
     def __init__(self, mw: "SentinelMiddleware", app_state):
         from sentinel_vllm.serving.api.metrics import SentinelMetrics, metrics_options
@@ -240,10 +240,15 @@ class SentinelMiddleware:
             return await self._tracked(scope, receive, send)
         if method in ("POST", "PUT", "PATCH"):  # also unauthenticated ones: vLLM answers 401
             return await self._stripped(scope, receive, send)
-        if path.startswith("/metrics") and self._state is not None:
-            self._state.metrics.refresh()  # expire old window entries before the scrape
-            if self._state.audit is not None:
-                await self._state.audit.refresh()  # audited estimates of the shared store
+        if path.startswith("/metrics"):  # built here too: a kept store's gauges on the first scrape
+            try:
+                st = self.state(scope)
+            except Exception:  # noqa: BLE001 (no engine client: the first request logs why)
+                st = None
+            if st is not None:
+                st.metrics.refresh()  # expire old window entries before the scrape
+                if st.audit is not None:
+                    await st.audit.refresh()  # audited estimates of the shared store
         return await self.app(scope, receive, send)
 
     def _authorized(self, scope) -> bool:
