@@ -7,7 +7,7 @@ so a label posted to any of them finds a response served by any other.
 ``POST /sentinel/labels`` (:mod:`sentinel_vllm.serving.api.labels`) sets labels; the
 slice's audited accuracy is :func:`sentinel_vllm.audit.audit_slice` of the store's
 rows of that slice (PPI++ 95% interval), exported on ``/metrics`` by
-:class:`AuditGauges`, recomputed when labels arrive and before a scrape when the
+:class:`~sentinel_vllm.serving.api.audit_gauges.AuditGauges`, recomputed when labels arrive and before a scrape when the
 store changed.
 
 Rows older than the retention (default 7 days) are dropped, and the oldest beyond a
@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from sentinel_vllm.serving.api.audit_gauges import AuditGauges
 
 __all__ = ["AuditStore", "AuditGauges", "ServingAudit", "LabelResult", "audit_id",
            "DEFAULT_RETENTION_S", "DEFAULT_MAX_ROWS"]
@@ -237,50 +239,6 @@ class AuditStore:
         return audit_slice(slice_label, p, labels)
 
 
-class AuditGauges:
-    """The audited-accuracy gauges per slice (labels ``model``, ``sentinel``, ``replica``, ``slice``).
-
-    ``multiprocess_mode="mostrecent"``: every API-server process computes the same values
-    from the shared store; the last one written is exported.
-    """
-
-    NAMES = ("sentinel_audited_accuracy", "sentinel_audited_accuracy_ci_low",
-             "sentinel_audited_accuracy_ci_high", "sentinel_audit_labels", "sentinel_audit_responses")
-
-    def __init__(self, registry, base: dict, *, multiprocess: bool = False, max_slices: int = 34):
-        from prometheus_client import Gauge
-
-        docs = ("Audited accuracy (PPI++ from human labels and P(correct))",
-                "Audited accuracy, 95% interval lower bound", "Audited accuracy, 95% interval upper bound",
-                "Responses in the audit store with a human label", "Responses in the audit store")
-        names = [*base, "slice"]
-        self.est, self.lo, self.hi, self.n_lab, self.n = (
-            Gauge(nm, doc, names, registry=registry, multiprocess_mode="mostrecent")
-            for nm, doc in zip(self.NAMES, docs))
-        self.base, self.multiprocess, self.max_slices = dict(base), multiprocess, max_slices
-        self._with_estimate: set[str] = set()
-
-    def set(self, estimates) -> None:
-        """Export :class:`~sentinel_vllm.audit.AuditEstimate` s; without an estimate (fewer than
-        ``audit.MIN_LABELS`` labels) only the counts (in multiprocess mode, where a series
-        cannot be removed, a slice that lost its estimate reads NaN)."""
-        for e in estimates:
-            lab = dict(self.base, slice=e.slice)
-            self.n.labels(**lab).set(e.n)
-            self.n_lab.labels(**lab).set(e.n_labelled)
-            if math.isfinite(e.estimate):
-                for g, v in ((self.est, e.estimate), (self.lo, e.ci_low), (self.hi, e.ci_high)):
-                    g.labels(**lab).set(v)
-                self._with_estimate.add(e.slice)
-            elif e.slice in self._with_estimate:
-                self._with_estimate.discard(e.slice)
-                for g in (self.est, self.lo, self.hi):
-                    if self.multiprocess:
-                        g.labels(**lab).set(float("nan"))
-                    else:
-                        g.remove(*lab.values())
-
-
 class ServingAudit:
     """Store + gauges of one API-server process; every database call runs in one thread.
 
@@ -362,7 +320,10 @@ class ServingAudit:
             version = await self._run(self.store.version)
             if version == self._seen_version or self.gauges is None:
                 return
-            self._export(await self._run(self._changed_estimates))
+            estimates, gone = await self._run(self._changed_estimates)
+            self._export(estimates)
+            for s in gone:
+                self.gauges.drop(s)
             self._seen_version = version
         except Exception:  # noqa: BLE001
             log.exception("sentinel audit store: refresh")
@@ -378,10 +339,14 @@ class ServingAudit:
 
     def _changed_estimates(self):
         """Estimates of the slices whose rows changed since their last export: the most
-        populated slices, bounded like the slice labels; counts only below MIN_LABELS."""
+        populated slices, bounded like the slice labels; counts only below MIN_LABELS. And
+        the exported slices that have no rows any more."""
         from sentinel_vllm.audit import MIN_LABELS, AuditEstimate
 
         summary = self.store.summary()
+        gone = [s for s in self._seen if s not in summary]
+        for s in gone:
+            del self._seen[s]
         cap = self.gauges.max_slices if self.gauges is not None else len(summary)
         out, nan = [], float("nan")
         for s in sorted(summary, key=lambda s: (-summary[s][0], s))[:cap]:
@@ -391,7 +356,7 @@ class ServingAudit:
             out.append(self.store.audit(s) if k >= MIN_LABELS
                        else AuditEstimate(s, n, k, *[nan] * 10))
             self._seen[s] = summary[s]
-        return out
+        return out, gone
 
     def _export(self, estimates) -> None:
         if self.gauges is not None:
