@@ -24,7 +24,8 @@ def make_traces(n_per_slice=500, seed=0, slices=SLICES, k=20, with_topk=True):
             spikes = rng.random(T) < 0.3 * (1 - c)
             full[spikes] += rng.exponential(2.0, size=spikes.sum())
             rec = {"id": f"{s}/{i}", "slice": s, "correct": bool(rng.random() < c),
-                   "entropy": {"full": full.round(6).tolist()}, "k": k}
+                   "entropy": {"full": full.round(6).tolist()}, "k": k,
+                   "finish_reason": "stop"}  # the default sentinel's length features read it
             if with_topk:
                 rec["entropy"]["topk"] = (full * 0.8).round(6).tolist()
                 rec["entropy"]["top5"] = (full * 0.5).round(6).tolist()
