@@ -229,6 +229,9 @@ def _read_metadata(model, path) -> dict:
         meta["entropy"], meta["k"] = canonical(meta["entropy"], meta["k"])
     except (ValueError, TypeError) as e:
         _fail(path, f"bad entropy kind in metadata: {e}")
+    tk = meta.get("topk_k")  # the k of a topk feature group's series (top<topk_k>)
+    if tk is not None and (isinstance(tk, bool) or not isinstance(tk, int) or tk < 1):
+        _fail(path, f"topk_k in metadata must be an integer >= 1, got {tk!r}")
     return meta
 
 

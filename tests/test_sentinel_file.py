@@ -263,6 +263,19 @@ def test_refusals(onnx_file, tmp_path):
         assert isinstance(e.value, ValueError) and str(path) in str(e.value)
 
 
+def test_topk_k_is_checked_at_load(onnx_file, tmp_path):
+    """topk_k (the k of a topk group's series) must be an int >= 1; the message names the file."""
+    good = onnx_file[0]
+    for i, bad in enumerate([0, 20.7, "abc", -3, True, 20.0, [20]]):
+        path = _rewrite(good, tmp_path / f"tk{i}.onnx", _meta_with(topk_k=bad))
+        with pytest.raises(SentinelFileError, match="topk_k in metadata must be an integer >= 1") as e:
+            load_sentinel(path)
+        assert str(path) in str(e.value) and repr(bad) in str(e.value)
+    ok = _rewrite(good, tmp_path / "tk_ok.onnx", _meta_with(topk_k=10))
+    assert load_sentinel(ok).metadata["topk_k"] == 10
+    assert load_sentinel(_rewrite(good, tmp_path / "tk_none.onnx", _meta_with(topk_k=None)))
+
+
 def test_scoring_input_checks(onnx_file):
     sent = load_sentinel(onnx_file[0], intra_op_num_threads=1)
     with pytest.raises(ValueError, match=r"shape \(n, 11\)"):
