@@ -19,8 +19,10 @@ Groups
     Statistics of the sampled token's log-probability (``token_logprob`` in the traces):
     mean, population std, min and the 10% quantile (linear interpolation); zeros when empty.
 ``topk``
-    The 11 statistics of the top-k series (the trace's own ``k``) besides the chosen
-    series, names prefixed ``topk_``.
+    The 11 statistics of the top-k series ``top<k>`` besides the chosen series, names
+    prefixed ``topk_``; k is the one given (``train --k``; a sentinel's ``topk_k``) or the
+    traces' own ``k``, which must then be one (:func:`topk_k_of`). Reading the chosen
+    series itself (``--entropy topk``) is refused: 11 duplicate columns.
 
 Serving computes a row from what the worker returns per finished sample (the 11
 statistics of every recorded series and ``n_steps``) and the choice's ``finish_reason``:
@@ -61,6 +63,7 @@ __all__ = [
     "feature_set_matrix",
     "length_stop",
     "spec_from_metadata",
+    "topk_k_of",
     "length_features",
     "logprob_features",
     "tail_features",
@@ -241,7 +244,8 @@ def make_spec(name: str, entropy: str = "full", k: int | None = None,
     Raises
     ------
     ValueError
-        Unknown set or series, or a ``topk`` group without ``topk_k``.
+        Unknown set or series, a ``topk`` group without ``topk_k``, or a ``topk`` group
+        reading the series of the statistics (duplicate columns).
     """
     groups = _check_set(name)
     topk = None
@@ -249,7 +253,12 @@ def make_spec(name: str, entropy: str = "full", k: int | None = None,
         if topk_k is None:
             raise ValueError(f"feature set {name!r} needs the k of its top-k series (topk_k)")
         topk = series_name("topk", int(topk_k))
-    return FeatureSpec(name, series_name(*canonical(entropy, k)), topk)
+    series = series_name(*canonical(entropy, k))
+    if topk is not None and topk == series:
+        raise ValueError(f"feature set {name!r} adds the statistics of a top-k series to those of "
+                         f"another series, but both would read {series} (11 duplicate columns); "
+                         "use another --entropy (e.g. full) or another top-k k")
+    return FeatureSpec(name, series, topk)
 
 
 def spec_from_metadata(meta: Mapping, sentinel: str = "sentinel") -> FeatureSpec:
@@ -309,14 +318,17 @@ def trace_row(t: Trace, name: str = "paper", entropy: str = "full", k: int | Non
     kind, kk = parse_series_name(entropy, k)
     tk_k = t.k if topk_k is None else topk_k
     if "topk" in groups and tk_k is None:
-        raise MissingSeriesError(f"trace {t.id!r} lacks the topk entropy series")
+        raise MissingSeriesError(f"trace {t.id!r} has no k, so no top-k series for the topk "
+                                 f"features of {name!r} (its series: {', '.join(sorted(t.entropy))})")
     spec = make_spec(name, kind, t.k if kk is None and kind != "full" else kk,
                      tk_k if "topk" in groups else None)
     stats = {spec.series: compute_features(s)}
     if spec.topk_series is not None:
         tk = t.series(spec.topk_series)
         if tk is None:
-            raise MissingSeriesError(f"trace {t.id!r} lacks the topk entropy series")
+            raise MissingSeriesError(
+                f"trace {t.id!r} lacks the {spec.topk_series} entropy series that the topk features "
+                f"of {name!r} need (the trace has k={t.k}, series: {', '.join(sorted(t.entropy))})")
         stats[spec.topk_series] = compute_features(tk)
     per_step = {}
     if "tail" in groups:
@@ -325,9 +337,35 @@ def trace_row(t: Trace, name: str = "paper", entropy: str = "full", k: int | Non
         lp = t.extra.get("token_logprob")
         if lp is None:
             raise MissingSeriesError(f"trace {t.id!r} has no token_logprob (needed by the logprob features)")
+        if len(lp) != len(s):
+            raise MissingSeriesError(f"trace {t.id!r}: token_logprob has {len(lp)} values but its "
+                                     f"{entropy} entropy series has {len(s)} steps")
         per_step["logprob"] = logprob_features(lp)
     stop = _truncated(t) if "length" in groups else None
     return spec.row(stats, len(s), stop, per_step)
+
+
+def topk_k_of(traces: Sequence[Trace], name: str, topk_k: int | None = None) -> int | None:
+    """The k of the ``topk`` group's series (``top<k>``): ``topk_k`` when given, else the traces' one k.
+
+    None for a set without the ``topk`` group (or no traces).
+
+    Raises
+    ------
+    ValueError
+        Unknown set, or traces of several k (or none) without ``topk_k``: one matrix
+        must not mix top-10 and top-20 columns.
+    """
+    if "topk" not in _check_set(name):
+        return None
+    if topk_k is not None:
+        return int(topk_k)
+    ks = {t.k for t in traces}
+    if len(ks) > 1 or ks == {None}:
+        raise ValueError(f"feature set {name!r} needs traces of one k (its topk features read each "
+                         f"trace's own top-k series); have k={sorted(ks, key=str)}: pass --k to "
+                         "choose the top-k series, or split the traces")
+    return next(iter(ks), None)
 
 
 def feature_set_matrix(traces: Sequence[Trace], name: str = "paper", entropy: str = "full",
@@ -341,7 +379,8 @@ def feature_set_matrix(traces: Sequence[Trace], name: str = "paper", entropy: st
         A key of :data:`FEATURE_SETS`.
     entropy, k : the series the ``stats``, ``length`` and ``tail`` groups read.
     topk_k : int, optional
-        k of the ``topk`` group's series (default: each trace's own ``k``).
+        k of the ``topk`` group's series (default: the traces' own ``k``, which must be
+        one, :func:`topk_k_of`).
 
     Returns
     -------
@@ -350,10 +389,12 @@ def feature_set_matrix(traces: Sequence[Trace], name: str = "paper", entropy: st
     Raises
     ------
     ValueError
-        Unknown set; :class:`~sentinel_vllm.traces.MissingSeriesError` when a trace lacks
+        Unknown set, traces of several k for a ``topk`` group without ``topk_k``;
+        :class:`~sentinel_vllm.traces.MissingSeriesError` when a trace lacks
         what a group needs (the message names the trace).
     """
     width = len(feature_names(name))
     check_series(traces, entropy, k)
+    topk_k = topk_k_of(traces, name, topk_k)
     rows = [trace_row(t, name, entropy, k, topk_k) for t in traces]
     return np.asarray(rows, dtype=np.float64).reshape(len(rows), width)

@@ -172,7 +172,8 @@ def lobo(
     estimators : sequence of str
         Slice estimators (:data:`sentinel_vllm.quantify.ESTIMATORS`); ``pcc`` is the paper's.
         Any other needs a classifier exposing ``oof_proba_`` (out-of-fold P(correct)).
-    entropy, k : entropy series.
+    entropy, k : entropy series (``k`` is also the k of a ``topk`` group; default: the
+        traces' one k).
     train_temperatures, test_temperatures : sequence of float, optional
         Restrict training / held-out traces to these temperatures (default: all).
     benchmarks : sequence of str, optional
@@ -223,7 +224,7 @@ def lobo(
     unknown = set(held_list) - set(names)
     if unknown:
         raise ValueError(f"benchmarks not in the traces: {sorted(unknown)}; have {names}")
-    X = feature_set_matrix(lab, feature_set, entropy, k)
+    X = feature_set_matrix(lab, feature_set, entropy, k, k)  # k also picks the topk group's series
     y = np.array([t.correct for t in lab], dtype=int)
     factory = classifier_factory or _default_factory(random_state, classifier_params)
     tag = feature_set

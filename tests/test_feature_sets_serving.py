@@ -71,7 +71,7 @@ def test_five_step_trajectory_by_hand():
 
 @pytest.mark.parametrize("name,entropy", [("paper", "full"), ("paper+length", "full"),
                                           ("paper+topk", "full"), ("paper+length", "top5"),
-                                          ("paper+topk", "topk")])
+                                          ("paper+topk", "top5")])
 def test_trace_rows_equal_worker_rows(name, entropy):
     recs = make_traces(15, seed=4)
     rng = np.random.default_rng(0)

@@ -21,9 +21,10 @@ def add_arguments(p) -> None:
     p.add_argument("--composition", default="all,extremes",
                    help="lobo: training compositions, comma list of all (every other "
                         "benchmark) and extremes (the paper's pair among them)")
-    p.add_argument("--feature-set", default="paper",
-                   help="lobo: comma list of feature sets (paper, paper+length, paper+tail, "
-                        "paper+logprob, paper+topk, all)")
+    p.add_argument("--feature-set", default=None,
+                   help="lobo: comma list of feature sets (paper, the default, paper+length, "
+                        "paper+tail, paper+logprob, paper+topk, all); the topk group reads "
+                        "top<--k> (default: the traces' one k)")
     p.add_argument("--estimator", default="pcc",
                    help="lobo: comma list of slice estimators (pcc = mean P, the paper's; "
                         "acc, pacc, emq, hdy, kdey from QuaPy)")
@@ -39,6 +40,27 @@ def _floats(text):
 
 def _names(text):
     return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def feature_sets(args) -> list[str]:
+    """The ``--feature-set`` names (default ``["paper"]``).
+
+    Raises
+    ------
+    ValueError
+        An unknown name, or ``--feature-set`` without ``--protocol lobo``.
+    """
+    from sentinel_vllm.feature_sets import FEATURE_SETS
+
+    names = _names(args.feature_set) if args.feature_set is not None else ["paper"]
+    unknown = [n for n in names if n not in FEATURE_SETS]
+    if unknown or not names:
+        raise ValueError(f"unknown --feature-set {', '.join(map(repr, unknown)) or repr(args.feature_set)}; "
+                         f"known: {', '.join(FEATURE_SETS)}")
+    if args.feature_set is not None and args.protocol != "lobo":
+        raise ValueError("--feature-set applies to --protocol lobo (the paper protocol uses the "
+                         "11 statistics)")
+    return names
 
 
 def paper_reference(traces, entropy, k, seed) -> list | None:
@@ -66,11 +88,12 @@ def paper_reference(traces, entropy, k, seed) -> list | None:
 def run(args) -> int:
     from sentinel_vllm.protocol import ROW_COLUMNS, SUMMARY_COLUMNS, lobo, plot_lobo
 
+    sets = feature_sets(args)
     traces = _common.load(args)
     os.makedirs(args.out_dir, exist_ok=True)
     results = []
     for comp in _names(args.composition):
-        for fs in _names(args.feature_set):
+        for fs in sets:
             out = lobo(traces, composition=comp, feature_set=fs, estimators=_names(args.estimator),
                        entropy=args.entropy, k=args.k, random_state=args.seed,
                        train_temperatures=_floats(args.train_temperatures),

@@ -46,6 +46,7 @@ def composition_row(c) -> list:
 
 
 def run(args) -> int:
+    _lobo.feature_sets(args)  # an unknown name, or --feature-set without --protocol lobo
     if args.advise:
         return _advise.run(args)
     if args.protocol == "lobo":

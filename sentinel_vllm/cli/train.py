@@ -22,7 +22,8 @@ def add_parser(sub):
     p.add_argument("--feature-set", default="paper",
                    help="features of the file (sentinel_vllm/feature_sets.py): paper (the 11 "
                         "statistics, default), paper+length, paper+topk (servable), paper+tail, "
-                        "paper+logprob, all (scored from traces only)")
+                        "paper+logprob, all (scored from traces only); the topk group of paper+topk "
+                        "and all reads top<--k> (default: the traces' one k)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trained-for", default=None, metavar="MODEL",
                    help="the model the traces come from (stored in the sentinel's metadata); "
@@ -49,7 +50,7 @@ def run(args) -> int:
     import numpy as np
 
     from sentinel_vllm.classifier import SentinelClassifier
-    from sentinel_vllm.feature_sets import FEATURE_SETS, feature_names, feature_set_matrix
+    from sentinel_vllm.feature_sets import FEATURE_SETS, feature_names, feature_set_matrix, topk_k_of
     from sentinel_vllm.series import parse_series_name
 
     _common.check_out(args.out, [*args.traces])
@@ -71,13 +72,10 @@ def run(args) -> int:
     if args.feature_set not in FEATURE_SETS:
         raise ValueError(f"unknown --feature-set {args.feature_set!r}; known: {', '.join(FEATURE_SETS)}")
     extra = {}
-    topk_k = None
-    if "topk" in FEATURE_SETS[args.feature_set]:  # the top-k group reads each trace's own k
-        ks = {t.k for t in traces}
-        if len(ks) != 1 or None in ks:
-            raise ValueError(f"--feature-set {args.feature_set} needs traces of one k; "
-                             f"have {sorted(ks, key=str)}")
-        topk_k = extra["topk_k"] = ks.pop()
+    # the top-k group reads top<--k>, else the traces' one k (several k are refused)
+    topk_k = topk_k_of(traces, args.feature_set, args.k)
+    if topk_k is not None:
+        extra["topk_k"] = topk_k
     X = feature_set_matrix(traces, args.feature_set, args.entropy, args.k, topk_k)
     y = np.array([t.correct for t in traces], dtype=int)
     name, k = parse_series_name(args.entropy, args.k)
