@@ -62,11 +62,9 @@ TRACKED_PATHS = ("/v1/chat/completions", "/v1/completions")
 def client_json(raw: bytes) -> dict | None:
     """A client body's JSON object, or None (not JSON, nested too deeply for the parser,
     not an object): then the body goes to the upstream untouched and it answers."""
-    try:
-        body = loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    return body if isinstance(body, dict) else None
+    from sentinel_vllm.serving.api.response import json_object
+
+    return json_object(raw, loads)
 
 
 def _error(status: int, message: str, kind: str):

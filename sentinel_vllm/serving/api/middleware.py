@@ -50,6 +50,7 @@ from sentinel_vllm.serving.api.fetch import BatchFetcher, engine_rpc
 from sentinel_vllm.serving.api.labels import LABELS_PATH, handle_labels, send_json
 from sentinel_vllm.serving.api.response import (
     SENTINEL_PATHS,
+    json_object,
     new_sentinel_id,
     prepare_request,
     strip_client_keys,
@@ -284,7 +285,7 @@ class SentinelMiddleware:
         if ctype.startswith((b"multipart/", b"application/x-www-form-urlencoded")):
             return await self.app(scope, receive, send)
         raw, tail = await _read_body(receive)
-        obj = _json_object(raw)
+        obj = json_object(raw)
         if obj is not None and tail is None:
             new, _ = strip_client_keys(obj)
             if new is not obj:
@@ -294,7 +295,7 @@ class SentinelMiddleware:
 
     async def _tracked(self, scope, receive, send) -> None:
         raw, tail = await _read_body(receive)
-        obj = _json_object(raw)
+        obj = json_object(raw)
         if obj is None or tail is not None:  # vLLM reports bad JSON; a disconnect ends it
             return await self.app(scope, _replay(raw, receive, tail), send)
         xa = obj.get("vllm_xargs") if isinstance(obj.get("vllm_xargs"), dict) else {}
@@ -357,15 +358,6 @@ async def _read_body(receive):
         chunks.append(msg.get("body", b""))
         more = msg.get("more_body", False)
     return b"".join(chunks), None
-
-
-def _json_object(raw: bytes) -> dict | None:
-    """The body's JSON object, or None: not JSON, nested too deeply, or not an object."""
-    try:
-        obj = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 def _with_length(scope, length: int):

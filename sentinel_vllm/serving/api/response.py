@@ -31,6 +31,7 @@ __all__ = [
     "attach_stream_blocks",
     "SSERewriter",
     "SENTINEL_PATHS",
+    "json_object",
 ]
 
 # Endpoints whose requests are tracked.
@@ -65,6 +66,17 @@ class SentinelOptions:
     def enabled(self) -> bool:
         """False when the client opted out."""
         return self.sentinel_id is not None
+
+
+def json_object(raw: bytes, loads=json.loads) -> dict | None:
+    """A client body's JSON object, or None: not JSON, nested too deeply for the parser
+    (``RecursionError``), or not an object. The caller then forwards the body untouched
+    and lets the server answer it. ``loads``: the parser (the proxy passes its own)."""
+    try:
+        obj = loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def is_client_key(key) -> bool:
