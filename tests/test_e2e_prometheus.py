@@ -60,6 +60,24 @@ def _wait_for(base, expr, ok, timeout_s=120):
     raise AssertionError(f"{expr}: {got}")
 
 
+def _wait_ready(prom, base, log_path, timeout_s=300):
+    """Block until Prometheus answers ``/-/ready`` (it opens its port only after the TSDB is up;
+    on two busy cores that took longer than the warm-up requests). Fails with its log if it exits."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if prom.poll() is not None:
+            pytest.fail(f"prometheus exited with {prom.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(base + "/-/ready", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"prometheus not ready after {timeout_s} s:\n{log_path.read_text()[-4000:]}")
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     pytest.importorskip("vllm")
@@ -73,7 +91,7 @@ def stack(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("prom")
     make_tiny_sentinel(tmp / "s.onnx")
-    port, prom_port = free_port(), free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     try:
         proc = start_server(str(MODEL), str(tmp / "s.onnx"), port, str(tmp / "server.log"),
@@ -87,12 +105,16 @@ def stack(tmp_path_factory):
         f"rule_files: ['{RULES}']\n"
         "scrape_configs:\n"
         f"  - job_name: vllm\n    static_configs: [{{targets: ['127.0.0.1:{port}']}}]\n")
+    # the port is chosen only now: vLLM's API servers and engine open ports of their own while
+    # starting, so one chosen before the server could be taken by then
+    prom_port = free_port()
     log = open(tmp / "prometheus.log", "wb")  # noqa: SIM115 (closed below)
     prom = subprocess.Popen([PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}",
                              f"--storage.tsdb.path={tmp / 'tsdb'}",
                              f"--web.listen-address=127.0.0.1:{prom_port}"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        _wait_ready(prom, f"http://127.0.0.1:{prom_port}", tmp / "prometheus.log")
         yield {"base": f"http://127.0.0.1:{port}", "prom": f"http://127.0.0.1:{prom_port}"}
     finally:
         prom.terminate()
