@@ -187,7 +187,7 @@ def results(tmp_path_factory):
             ],
             tmp / "proxy.log",
         )
-        _wait(f"http://127.0.0.1:{proxy_port}/metrics", proxy, 60, tmp / "proxy.log")
+        _wait(f"http://127.0.0.1:{proxy_port}/metrics", proxy, 300, tmp / "proxy.log")
         _wait(f"http://127.0.0.1:{up_port}/health", upstream, START_TIMEOUT_S, tmp / "upstream.log")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{proxy_port}/v1", api_key="unused")
         got = {}
