@@ -12,7 +12,7 @@ def test_start_status_shows_time_and_log_line(tmp_path):
     out = io.StringIO()
 
     def start():
-        time.sleep(0.35)
+        time.sleep(1.0)  # ten status periods: two lines even on busy cores
         return "proc"
 
     assert demo._start_with_status(start, str(log), out, every_s=0.1) == "proc"
