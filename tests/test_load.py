@@ -105,7 +105,8 @@ def test_load_streams_n2(server):
     rss = {}
 
     async def run():
-        limits = httpx.Limits(max_connections=CONCURRENCY)
+        # idle connections dropped client-side after 2 s, well before the server's keep-alive
+        limits = httpx.Limits(max_connections=CONCURRENCY, keepalive_expiry=2.0)
         async with httpx.AsyncClient(base_url=base, timeout=1800, limits=limits) as c:
             sem, done = asyncio.Semaphore(CONCURRENCY), [0]
 
