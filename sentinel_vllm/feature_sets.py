@@ -64,6 +64,7 @@ __all__ = [
     "length_stop",
     "spec_from_metadata",
     "topk_k_of",
+    "unscorable",
     "length_features",
     "logprob_features",
     "tail_features",
@@ -343,6 +344,18 @@ def trace_row(t: Trace, name: str = "paper", entropy: str = "full", k: int | Non
         per_step["logprob"] = logprob_features(lp)
     stop = _truncated(t) if "length" in groups else None
     return spec.row(stats, len(s), stop, per_step)
+
+
+def unscorable(traces: Sequence[Trace], name: str = "paper", entropy: str = "full",
+               k: int | None = None, topk_k: int | None = None) -> dict[int, str]:
+    """Index -> reason, for each trace :func:`trace_row` cannot make a row of (``--skip-bad``)."""
+    out = {}
+    for i, t in enumerate(traces):
+        try:
+            trace_row(t, name, entropy, k, topk_k)
+        except MissingSeriesError as exc:
+            out[i] = str(exc)
+    return out
 
 
 def topk_k_of(traces: Sequence[Trace], name: str, topk_k: int | None = None) -> int | None:

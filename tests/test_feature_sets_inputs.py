@@ -65,7 +65,7 @@ def test_train_k_picks_the_topk_series(tmp_path):
     sc = SentinelScorer(sent)  # serving reads top5 too
     assert sc.needed_series == ("full", "top5")
     traces = read_traces(tmp_path / "t.jsonl")
-    _, p = score_traces(str(out), traces)
+    _, p, _ = score_traces(str(out), traces)
     X = np.array([np.concatenate([compute_features(t.series("full")),
                                   compute_features(t.entropy["top5"])]) for t in traces])
     np.testing.assert_array_equal(p, sent.p_correct(X))

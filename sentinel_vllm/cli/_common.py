@@ -11,7 +11,7 @@ import sys
 def add_trace_args(p: argparse.ArgumentParser, entropy: bool = True) -> None:
     """TRACES... and --skip-bad (and --entropy/--k when ``entropy``)."""
     p.add_argument("traces", nargs="+", metavar="TRACES", help="trace files (.jsonl, .jsonl.gz, .parquet)")
-    p.add_argument("--skip-bad", action="store_true", help="skip malformed records and count them")
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed records (and those the features cannot be computed for) and count them")
     if entropy:
         p.add_argument("--entropy", default="full",
                        help="entropy series: full, topk, topk_renorm, top<K>, top<K>_renorm (default: full)")
@@ -29,6 +29,30 @@ def load(args):
     if not traces:
         raise ValueError("no traces read")
     return traces
+
+
+def keep_scorable(args, traces, sets=(("paper", "full", None, None),)):
+    """With ``--skip-bad``: drop the traces some feature set of ``sets`` cannot score, and say so.
+
+    ``sets``: ``(feature set, entropy, k, topk_k)`` tuples; a trace is kept only if every set
+    can make its row (so several sets are compared on the same traces). Without
+    ``--skip-bad`` the traces come back unchanged and the first such trace stops the command.
+    """
+    if not getattr(args, "skip_bad", False):
+        return traces
+    from sentinel_vllm.feature_sets import unscorable
+
+    bad: dict[int, str] = {}
+    for spec in sets:
+        for i, why in unscorable(traces, *spec).items():
+            bad.setdefault(i, why)
+    if bad:
+        print(f"skipped {len(bad)} record(s) the features cannot be computed for; "
+              f"first: {bad[min(bad)]}", file=sys.stderr)
+    kept = [t for i, t in enumerate(traces) if i not in bad]
+    if not kept:
+        raise ValueError("no traces left after --skip-bad")
+    return kept
 
 
 def check_out(out: str, inputs) -> None:

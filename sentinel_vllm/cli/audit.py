@@ -34,7 +34,7 @@ def run(args) -> int:
 
     labels = read_labels(args.labels)
     traces = _common.load(args)
-    _, p = score_traces(args.sentinel, traces)
+    _, p, traces = score_traces(args.sentinel, traces, args)
     res = audit_slices([t.slice for t in traces], p, [t.id for t in traces], labels)
     if args.json:
         print(json.dumps([r.as_dict() for r in res], indent=2, allow_nan=False))

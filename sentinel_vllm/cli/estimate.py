@@ -34,7 +34,7 @@ def run(args) -> int:
     from sentinel_vllm.cli.score import score_traces
 
     traces = _common.load(args)
-    sent, p = score_traces(args.sentinel, traces)
+    sent, p, traces = score_traces(args.sentinel, traces, args)
     est = estimate_slices([t.slice for t in traces], p, [t.correct for t in traces])
     summ = summary(est)
     if args.json:

@@ -55,7 +55,7 @@ def run(args) -> int:
         return _lobo.run(args)
     from sentinel_vllm.evaluate import evaluate_composition, plot_run, statistic_auroc, sweep
 
-    traces = _common.load(args)
+    traces = _common.keep_scorable(args, _common.load(args), [("paper", args.entropy, args.k, None)])
     os.makedirs(args.out_dir, exist_ok=True)
     kw = {"entropy": args.entropy, "k": args.k, "random_state": args.seed}
     if args.sweep:

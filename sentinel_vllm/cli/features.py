@@ -19,7 +19,7 @@ def run(args) -> int:
     from sentinel_vllm.traces import feature_matrix
 
     _common.check_out(args.out, [*args.traces])
-    traces = _common.load(args)
+    traces = _common.keep_scorable(args, _common.load(args), [("paper", args.entropy, args.k, None)])
     X = feature_matrix(traces, args.entropy, args.k)
     rows = [[t.id, t.slice, "" if t.correct is None else int(t.correct), *map(repr, x)]
             for t, x in zip(traces, X.tolist())]

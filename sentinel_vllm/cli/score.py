@@ -15,11 +15,13 @@ def add_parser(sub):
     return p
 
 
-def score_traces(sentinel_path: str, traces):
-    """Load the sentinel, compute its feature set from the traces, return (sentinel, p_correct).
+def score_traces(sentinel_path: str, traces, args=None):
+    """Load the sentinel, compute its feature set from the traces; ``(sentinel, p_correct, traces)``.
 
     The file's ``feature_names`` say which set (:func:`~sentinel_vllm.feature_sets.spec_from_metadata`);
-    every set is computable from traces, ``tail`` and ``logprob`` included.
+    every set is computable from traces, ``tail`` and ``logprob`` included. With ``args.skip_bad``
+    the traces the set cannot be computed for are dropped (and counted on stderr); the returned
+    traces are the ones scored, in order.
     """
     from sentinel_vllm.classifier import load_sentinel
     from sentinel_vllm.feature_sets import feature_set_matrix, spec_from_metadata
@@ -27,14 +29,17 @@ def score_traces(sentinel_path: str, traces):
     sent = load_sentinel(sentinel_path)
     meta = sent.metadata
     spec = spec_from_metadata(meta, f"sentinel {sent.id}")
-    X = feature_set_matrix(traces, spec.name, meta["entropy"], meta.get("k"), meta.get("topk_k"))
-    return sent, sent.p_correct(X)
+    columns = (spec.name, meta["entropy"], meta.get("k"), meta.get("topk_k"))
+    if args is not None:
+        traces = _common.keep_scorable(args, traces, [columns])
+    X = feature_set_matrix(traces, *columns)
+    return sent, sent.p_correct(X), traces
 
 
 def run(args) -> int:
     _common.check_out(args.out, [*args.traces, args.sentinel])
     traces = _common.load(args)
-    _, p = score_traces(args.sentinel, traces)
+    _, p, traces = score_traces(args.sentinel, traces, args)
     _common.write_csv(args.out, ["id", "slice", "p_correct"],
                       [[t.id, t.slice, repr(float(v))] for t, v in zip(traces, p)])
     return 0

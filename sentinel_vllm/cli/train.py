@@ -76,6 +76,7 @@ def run(args) -> int:
     topk_k = topk_k_of(traces, args.feature_set, args.k)
     if topk_k is not None:
         extra["topk_k"] = topk_k
+    traces = _common.keep_scorable(args, traces, [(args.feature_set, args.entropy, args.k, topk_k)])
     X = feature_set_matrix(traces, args.feature_set, args.entropy, args.k, topk_k)
     y = np.array([t.correct for t in traces], dtype=int)
     name, k = parse_series_name(args.entropy, args.k)
