@@ -58,7 +58,7 @@ def test_train_and_score_skip_what_the_set_cannot_compute(tmp_path, capsys):
     assert main(["score", out, traces, "--out", str(scores), "--skip-bad"]) == 0
     assert "skipped 2 record(s)" in capsys.readouterr().err
     assert main(["score", ref, clean, "--out", str(ref_scores)]) == 0
-    got, want = (list(csv.DictReader(open(f))) for f in (scores, ref_scores))
+    got, want = (list(csv.DictReader(f.read_text().splitlines())) for f in (scores, ref_scores))
     assert [r["id"] for r in got] == [r["id"] for r in want] and len(got) == 118
     assert not set(BAD) & {r["id"] for r in got}
     # the same model (same training rows, same seed) gives the same probabilities
@@ -68,9 +68,9 @@ def test_train_and_score_skip_what_the_set_cannot_compute(tmp_path, capsys):
 
 def test_lobo_compares_sets_on_the_traces_every_set_can_score(tmp_path, capsys, monkeypatch):
     """lobo itself (forests, minutes) is replaced by a recorder: what matters is what it is given."""
-    import sentinel_vllm.protocol as protocol
+    from sentinel_vllm import protocol
 
-    traces, clean = _files(tmp_path)
+    traces, _ = _files(tmp_path)
     given = []
 
     class Stop(Exception):
@@ -112,5 +112,5 @@ def test_series_missing_on_some_records(tmp_path, capsys, command):
     assert "skipped 1 record(s) the features cannot be computed for; first: trace 'easy/4' lacks " \
         "the top5 entropy series" in err, err
     if command == "features":
-        rows = list(csv.reader(open(tmp_path / "f.csv")))
+        rows = list(csv.reader((tmp_path / "f.csv").read_text().splitlines()))
         assert len(rows) == 1 + 79 and recs[4]["id"] not in {r[0] for r in rows}
