@@ -16,9 +16,14 @@ Printed per n (pooled over benchmarks and draws): mean absolute error, mean
 interval width and coverage of the 95% intervals, and the lowest per-benchmark
 coverage.
 
+With ``--sentinel S.onnx`` (or ``default``) one fixed sentinel scores every
+benchmark instead: the deployed case, e.g. the embedded default (trained at
+T = 0.5) on traffic at T = 0 or 1.0, where its bias is largest.
+
 Usage::
 
     python benchmarks/audit_sim.py data/traces/qwen2.5-coder-0.5b.jsonl.gz --draws 1000
+    python benchmarks/audit_sim.py data/traces/qwen2.5-coder-0.5b-t1.jsonl.gz --sentinel default
 """
 
 from __future__ import annotations
@@ -50,6 +55,17 @@ def lobo_scores(traces, composition: str, seed: int) -> dict[str, tuple[np.ndarr
         clf = SentinelClassifier(random_state=seed).fit(X[others], y[others])
         out[b] = (clf.predict_proba(X[bench == b])[:, 1], y[bench == b])
     return out
+
+
+def sentinel_scores(traces, sentinel: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Benchmark -> (P(correct) from one fixed sentinel file, labels)."""
+    from sentinel_vllm.cli.score import score_traces
+
+    lab = [t for t in traces if t.correct is not None]
+    _, p, _ = score_traces(sentinel, lab)
+    bench = np.array([t.slice for t in lab])
+    y = np.array([t.correct for t in lab], dtype=int)
+    return {b: (p[bench == b], y[bench == b]) for b in sorted(set(bench.tolist()))}
 
 
 def simulate(scores, ns, draws: int, seed: int) -> list[dict]:
@@ -93,6 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--draws", type=int, default=1000)
     ap.add_argument("--composition", default="extremes", choices=("all", "extremes"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sentinel", default=None,
+                    help="score with this sentinel file ('default': the embedded one) instead of LOBO")
     ap.add_argument("--cache", default=None, help=".npz to keep the sentinels' scores in (reused when present)")
     args = ap.parse_args(argv)
     from sentinel_vllm.traces import read_traces
@@ -101,7 +119,9 @@ def main(argv=None) -> int:
     traces = read_traces(args.traces)
     import os
 
-    if args.cache and os.path.exists(args.cache):
+    if args.sentinel:
+        scores = sentinel_scores(traces, args.sentinel)
+    elif args.cache and os.path.exists(args.cache):
         z = np.load(args.cache)
         scores = {k[2:]: (z[k], z["y_" + k[2:]]) for k in z.files if k.startswith("p_")}
     else:
@@ -112,7 +132,7 @@ def main(argv=None) -> int:
     ns = [int(v) for v in args.n.split(",")]
     rows = simulate(scores, ns, args.draws, args.seed)
     print(f"# audit_sim  {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC  traces={','.join(args.traces)}  "
-          f"sentinel: leave-one-benchmark-out ({args.composition})  draws={args.draws} per benchmark and n  "
+          f"sentinel: {args.sentinel or f'leave-one-benchmark-out ({args.composition})'}  draws={args.draws} per benchmark and n  "
           f"benchmarks={len(scores)}  ({time.time() - t0:.0f} s)")
     print("| n | PPI++ abs err | PPI++ width | PPI++ coverage (min over benchmarks) "
           "| PPI++ Wald width | PPI++ Wald coverage (min) | labels-only abs err "
