@@ -3,7 +3,7 @@
 ``tests/test_serve_cli.py`` covers a missing, empty, non-ONNX and pickle file;
 here the files are real ONNX sentinels whose metadata is wrong (schema version,
 entropy kind, no metadata, metadata not JSON). Each is refused before vLLM
-starts (exit code 2, one ``error:`` line naming the file and the problem) and by
+starts (exit code 1, one ``error:`` line naming the file and the problem) and by
 the middleware's constructor (a server started another way never serves without
 a usable sentinel).
 """
@@ -55,7 +55,7 @@ def test_wrong_sentinel_refused_at_start(good, tmp_path, capsys, monkeypatch, na
     monkeypatch.setattr(serve, "run_vllm_serve", boom)
     bad = tmp_path / f"{name}.onnx"
     _rewrite_meta(good, bad, edit)
-    assert main(["serve", "some/model", "--sentinel", str(bad)]) == 2
+    assert main(["serve", "some/model", "--sentinel", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("sentinel-vllm serve: error: ") and message in err and str(bad) in err
     assert err.count("\n") == 1  # one clear line, no traceback

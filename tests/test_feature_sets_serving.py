@@ -183,7 +183,7 @@ def test_unservable_set_is_refused_at_load(trained, tmp_path, capsys, monkeypatc
     from sentinel_vllm.cli import serve
 
     monkeypatch.setattr(serve, "run_vllm_serve", lambda args: pytest.fail("vLLM started"))
-    assert main(["serve", "m", "--sentinel", str(files["paper+tail"])]) == 2
+    assert main(["serve", "m", "--sentinel", str(files["paper+tail"])]) == 1
     assert "serve: error: " in capsys.readouterr().err
     # the offline LLM refuses it before vLLM starts too
     from sentinel_vllm.serving.api.offline import LLM

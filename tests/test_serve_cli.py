@@ -33,7 +33,7 @@ def test_bad_sentinel_refuses_to_start(tmp_path, capsys, no_vllm, content, messa
         path.write_bytes(content)
     rc = main(["serve", "some/model", "--sentinel", str(path), "--max-model-len", "1024"])
     err = capsys.readouterr().err
-    assert rc == 2
+    assert rc == 1
     assert err.startswith("sentinel-vllm serve: error: ") and message in err and str(path) in err
 
 
@@ -42,7 +42,7 @@ def test_default_sentinel_is_clear_when_missing(capsys, no_vllm):
 
     if DEFAULT_SENTINEL.is_file():
         pytest.skip("a default sentinel is bundled")
-    assert main(["serve", "m", "--sentinel", "default"]) == 2
+    assert main(["serve", "m", "--sentinel", "default"]) == 1
     assert "no default sentinel is bundled" in capsys.readouterr().err
 
 
@@ -50,10 +50,10 @@ def test_bad_baseline_and_options(tmp_path, capsys, no_vllm):
     s = tmp_path / "s.onnx"
     make_tiny_sentinel(s)
     (tmp_path / "b.json").write_text(json.dumps({"a": 2.0}))
-    assert main(["serve", "m", "--sentinel", str(s), "--sentinel-baseline", str(tmp_path / "b.json")]) == 2
+    assert main(["serve", "m", "--sentinel", str(s), "--sentinel-baseline", str(tmp_path / "b.json")]) == 1
     assert "baseline for slice 'a'" in capsys.readouterr().err
-    assert main(["serve", "m", "--sentinel", str(s), "--sentinel-drift-margin", "3"]) == 2
-    assert main(["serve", "m", "--sentinel", str(s), "--worker-extension-cls", "x.Y"]) == 2
+    assert main(["serve", "m", "--sentinel", str(s), "--sentinel-drift-margin", "3"]) == 1
+    assert main(["serve", "m", "--sentinel", str(s), "--worker-extension-cls", "x.Y"]) == 1
     assert "--worker-extension-cls" in capsys.readouterr().err
 
 
@@ -96,15 +96,15 @@ def test_audit_store_options(tmp_path, monkeypatch, capsys, no_vllm):
     s = tmp_path / "s.onnx"
     make_tiny_sentinel(s)
     argv = ["serve", "m", "--sentinel", str(s)]
-    assert main([*argv, "--sentinel-audit-db", str(tmp_path / "no" / "dir.sqlite")]) == 2
+    assert main([*argv, "--sentinel-audit-db", str(tmp_path / "no" / "dir.sqlite")]) == 1
     assert "cannot open the audit store" in capsys.readouterr().err
     other = tmp_path / "other.sqlite"  # an unrelated SQLite file with a responses table
     with sqlite3.connect(other) as db:
         db.execute("CREATE TABLE responses (id TEXT, body TEXT)")
-    assert main([*argv, "--sentinel-audit-db", str(other)]) == 2
+    assert main([*argv, "--sentinel-audit-db", str(other)]) == 1
     assert f"{other} is not a sentinel audit store" in capsys.readouterr().err
-    assert main([*argv, "--sentinel-audit-retention", "0"]) == 2
-    assert main([*argv, "--sentinel-audit-max-rows", "0"]) == 2
+    assert main([*argv, "--sentinel-audit-retention", "0"]) == 1
+    assert main([*argv, "--sentinel-audit-max-rows", "0"]) == 1
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
     serve._add_sentinel_options(parser)

@@ -1,7 +1,7 @@
 """``sentinel-vllm serve MODEL --sentinel S.onnx [vLLM serve options]``.
 
 Validates the sentinel file first (a missing, corrupt, non-ONNX or pickle file
-exits with status 2 and a clear message, before vLLM loads anything), then runs
+exits with status 1 and a clear message, before vLLM loads anything; a usage error, 2), then runs
 vLLM's OpenAI-compatible server in this process, exactly as ``vllm serve`` does,
 with three options added:
 
@@ -23,6 +23,7 @@ import argparse
 import os
 import sys
 
+from sentinel_vllm.cli import DATA_ERROR
 from sentinel_vllm.serving.contract import CONFIG_ENV, MIDDLEWARE, vllm_launch_kwargs
 
 EXAMPLES = """examples:
@@ -229,9 +230,9 @@ def main(argv: list[str] | None = None) -> int:
 
         # short names (smollm2-135m, qwen2.5-coder-0.5b) become their prepared folder
         args = vllm_argv(resolve_model(ns.model), rest, scorer.needed_series)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # bad input or data: 1, as for every command
         print(f"sentinel-vllm serve: error: {exc}", file=sys.stderr)
-        return 2
+        return DATA_ERROR
     if cfg.audit_db is None:  # one store for every API-server process of this run
         cfg.audit_db = fresh_audit_db()
     os.environ[CONFIG_ENV] = cfg.to_env()
