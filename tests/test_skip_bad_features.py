@@ -85,9 +85,6 @@ def test_lobo_compares_sets_on_the_traces_every_set_can_score(tmp_path, capsys, 
             "--out-dir", str(tmp_path / "x")]
     capsys.readouterr()
     with pytest.raises(Stop):
-        main([*argv, traces])
-    assert given[-1][0] == [f"{s}/{i}" for s in SLICES for i in range(30)]  # all 120, unfiltered
-    with pytest.raises(Stop):
         main([*argv, traces, "--skip-bad"])
     # paper could score the two records, paper+length cannot: dropped for every set
     assert "skipped 2 record(s)" in capsys.readouterr().err
@@ -114,3 +111,71 @@ def test_series_missing_on_some_records(tmp_path, capsys, command):
     if command == "features":
         rows = list(csv.reader((tmp_path / "f.csv").read_text().splitlines()))
         assert len(rows) == 1 + 79 and recs[4]["id"] not in {r[0] for r in rows}
+
+
+def test_lobo_without_skip_bad_stops_before_training(tmp_path, capsys, monkeypatch):
+    from sentinel_vllm import protocol
+
+    traces, _ = _files(tmp_path)
+    monkeypatch.setattr(protocol, "lobo", lambda *a, **kw: pytest.fail("lobo ran"))
+    capsys.readouterr()
+    assert main(["evaluate", traces, "--protocol", "lobo", "--feature-set", "paper,paper+length",
+                 "--no-plots", "--out-dir", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "trace 'easy/3' has neither finish_reason nor truncated" in err and "'paper+length'" in err, err
+
+
+def test_audit_drops_the_labels_of_skipped_records(tmp_path, capsys):
+    import json
+
+    traces, _ = _files(tmp_path)
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"id": i, "correct": c}) + "\n"
+                              for i, c in (("easy/3", True), ("easy/0", True), ("hard/0", False))))
+    argv = ["audit", "default", "--traces", traces, "--labels", str(labels), "--json"]
+    capsys.readouterr()
+    assert main(argv) == 1  # the default sentinel (paper+length) cannot score easy/3
+    assert main([*argv, "--skip-bad"]) == 0
+    out = capsys.readouterr()
+    assert "dropped 1 label(s) of records skipped by --skip-bad (first: 'easy/3')" in out.err
+    got = {r["slice"]: r for r in json.loads(out.out)}
+    assert (got["easy"]["n"], got["easy"]["n_labelled"]) == (29, 1)
+    assert (got["hard"]["n"], got["hard"]["n_labelled"]) == (29, 1)
+    assert got["easy"]["labels_only"] == 1.0 and got["hard"]["labels_only"] == 0.0
+
+
+def test_train_topk_skips_a_record_without_k(tmp_path, capsys):
+    recs = make_traces(10, seed=1)
+    del recs[2]["k"], recs[2]["entropy"]["topk"]
+    write_traces(tmp_path / "t.jsonl", recs)
+    argv = ["train", str(tmp_path / "t.jsonl"), "--feature-set", "paper+topk", "--out", str(tmp_path / "s.onnx")]
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert main([*argv, "--skip-bad"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped 1 record(s) the features cannot be computed for; first: trace {recs[2]['id']!r} has no k" in err
+
+
+def test_bench_needs_the_full_series_on_every_record(tmp_path, capsys, monkeypatch):
+    from sentinel_vllm import topk_vs_full
+
+    recs = make_traces(10, seed=1)
+    del recs[5]["entropy"]["full"]
+    write_traces(tmp_path / "t.jsonl", recs)
+    given = []
+
+    class Stop(Exception):
+        pass
+
+    def record(traces, *a, **kw):
+        given.append([t.id for t in traces])
+        raise Stop
+
+    monkeypatch.setattr(topk_vs_full, "compare_variants", record)
+    argv = ["bench", "topk-vs-full", str(tmp_path / "t.jsonl"), "--k", "5", "--out-dir", str(tmp_path / "b")]
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert f"1 of 40 traces lack the full entropy series (first: {recs[5]['id']!r})" in capsys.readouterr().err
+    with pytest.raises(Stop):
+        main([*argv, "--skip-bad"])
+    assert given == [[r["id"] for i, r in enumerate(recs) if i != 5]]

@@ -31,16 +31,27 @@ def load(args):
     return traces
 
 
-def keep_scorable(args, traces, sets=(("paper", "full", None, None),)):
+def keep_scorable(args, traces, sets=(("paper", "full", None, None),), check=False):
     """With ``--skip-bad``: drop the traces some feature set of ``sets`` cannot score, and say so.
 
     ``sets``: ``(feature set, entropy, k, topk_k)`` tuples; a trace is kept only if every set
     can make its row (so several sets are compared on the same traces). Without
-    ``--skip-bad`` the traces come back unchanged and the first such trace stops the command.
+    ``--skip-bad`` the traces come back unchanged and the first such trace stops the command
+    where its features are computed, or here with ``check`` (a command that would otherwise
+    work for minutes before reaching it).
     """
-    if not getattr(args, "skip_bad", False):
-        return traces
     from sentinel_vllm.feature_sets import unscorable
+
+    if not getattr(args, "skip_bad", False):
+        if check:
+            from sentinel_vllm.traces import MissingSeriesError
+
+            for spec in sets:
+                bad = unscorable(traces, *spec)
+                if bad:
+                    raise MissingSeriesError(f"{bad[min(bad)]} (feature set {spec[0]!r}; --skip-bad skips "
+                                             f"such records)")
+        return traces
 
     bad: dict[int, str] = {}
     for spec in sets:

@@ -89,9 +89,9 @@ def run(args) -> int:
     from sentinel_vllm.protocol import ROW_COLUMNS, SUMMARY_COLUMNS, lobo, plot_lobo
 
     sets = feature_sets(args)
-    # the sets are compared on the same traces: with --skip-bad, those every set can score
-    traces = _common.keep_scorable(args, _common.load(args),
-                                   [(fs, args.entropy, args.k, args.k) for fs in sets])
+    # the sets are compared on the same labelled traces: with --skip-bad, those every set can score
+    traces = _common.keep_scorable(args, [t for t in _common.load(args) if t.correct is not None],
+                                   [(fs, args.entropy, args.k, args.k) for fs in sets], check=True)
     os.makedirs(args.out_dir, exist_ok=True)
     results = []
     for comp in _names(args.composition):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from sentinel_vllm.cli import _common
 
@@ -23,7 +24,8 @@ def add_parser(sub):
     p.add_argument("--traces", nargs="+", required=True, metavar="TRAFFIC",
                    help="traffic trace files ('correct' may be null; it is not used)")
     p.add_argument("--labels", required=True, help="JSONL of {\"id\", \"correct\"} for some responses")
-    p.add_argument("--skip-bad", action="store_true", help="skip malformed trace records and count them")
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed trace records (and those the features cannot be computed for) "
+                        "and count them; their labels are dropped")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per slice")
     return p
 
@@ -33,8 +35,14 @@ def run(args) -> int:
     from sentinel_vllm.cli.score import score_traces
 
     labels = read_labels(args.labels)
-    traces = _common.load(args)
-    _, p, traces = score_traces(args.sentinel, traces, args)
+    read = _common.load(args)
+    _, p, traces = score_traces(args.sentinel, read, args)
+    skipped = {t.id for t in read} - {t.id for t in traces}  # by --skip-bad: their labels go too
+    dropped = [i for i in labels if i in skipped]
+    if dropped:
+        labels = {i: v for i, v in labels.items() if i not in skipped}
+        print(f"dropped {len(dropped)} label(s) of records skipped by --skip-bad (first: {dropped[0]!r})",
+              file=sys.stderr)
     res = audit_slices([t.slice for t in traces], p, [t.id for t in traces], labels)
     if args.json:
         print(json.dumps([r.as_dict() for r in res], indent=2, allow_nan=False))

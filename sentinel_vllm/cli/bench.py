@@ -21,7 +21,8 @@ def add_parser(sub):
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     q = bsub.add_parser("topk-vs-full", help="full-vocabulary versus top-k entropy", epilog=EPILOG)
     q.add_argument("traces", nargs="+", metavar="TRACES")
-    q.add_argument("--skip-bad", action="store_true")
+    q.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed records (and those without the full entropy series) and count them")
     q.add_argument("--k", default="1,5,10,20,50", help="comma-separated k values")
     q.add_argument("--compositions", default=None,
                    help="comma-separated compositions, slices joined by '+' (default: Extremes)")
@@ -34,7 +35,12 @@ def add_parser(sub):
 def run(args) -> int:
     from sentinel_vllm.topk_vs_full import COLUMNS, compare_variants, plot_variants
 
+    from sentinel_vllm.traces import check_series
+
     traces = _common.load(args)
+    if any(t.series("full") is not None for t in traces):  # the reference series: all or none
+        traces = _common.keep_scorable(args, traces)
+        check_series(traces, "full")
     ks = [int(k) for k in args.k.split(",") if k]
     comps = ([c.split("+") for c in args.compositions.split(",") if c]
              if args.compositions else None)

@@ -72,11 +72,12 @@ def run(args) -> int:
     if args.feature_set not in FEATURE_SETS:
         raise ValueError(f"unknown --feature-set {args.feature_set!r}; known: {', '.join(FEATURE_SETS)}")
     extra = {}
+    # --skip-bad first (a record without k has no top-k series), then the one k of the rest
+    traces = _common.keep_scorable(args, traces, [(args.feature_set, args.entropy, args.k, args.k)])
     # the top-k group reads top<--k>, else the traces' one k (several k are refused)
     topk_k = topk_k_of(traces, args.feature_set, args.k)
     if topk_k is not None:
         extra["topk_k"] = topk_k
-    traces = _common.keep_scorable(args, traces, [(args.feature_set, args.entropy, args.k, topk_k)])
     X = feature_set_matrix(traces, args.feature_set, args.entropy, args.k, topk_k)
     y = np.array([t.correct for t in traces], dtype=int)
     name, k = parse_series_name(args.entropy, args.k)
