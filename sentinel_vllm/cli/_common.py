@@ -11,7 +11,8 @@ import sys
 def add_trace_args(p: argparse.ArgumentParser, entropy: bool = True) -> None:
     """TRACES... and --skip-bad (and --entropy/--k when ``entropy``)."""
     p.add_argument("traces", nargs="+", metavar="TRACES", help="trace files (.jsonl, .jsonl.gz, .parquet)")
-    p.add_argument("--skip-bad", action="store_true", help="skip malformed records (and those the features cannot be computed for) and count them")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed records (and those the features cannot be computed for) and count them")
     if entropy:
         p.add_argument("--entropy", default="full",
                        help="entropy series: full, topk, topk_renorm, top<K>, top<K>_renorm (default: full)")

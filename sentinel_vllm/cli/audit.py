@@ -24,7 +24,8 @@ def add_parser(sub):
     p.add_argument("--traces", nargs="+", required=True, metavar="TRAFFIC",
                    help="traffic trace files ('correct' may be null; it is not used)")
     p.add_argument("--labels", required=True, help="JSONL of {\"id\", \"correct\"} for some responses")
-    p.add_argument("--skip-bad", action="store_true", help="skip malformed trace records (and those the features cannot be computed for) "
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed trace records (and those the features cannot be computed for) "
                         "and count them; their labels are dropped")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per slice")
     return p

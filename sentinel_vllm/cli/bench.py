@@ -34,7 +34,6 @@ def add_parser(sub):
 
 def run(args) -> int:
     from sentinel_vllm.topk_vs_full import COLUMNS, compare_variants, plot_variants
-
     from sentinel_vllm.traces import check_series
 
     traces = _common.load(args)
