@@ -41,23 +41,22 @@ def keep_scorable(args, traces, sets=(("paper", "full", None, None),), check=Fal
     where its features are computed, or here with ``check`` (a command that would otherwise
     work for minutes before reaching it).
     """
-    from sentinel_vllm.feature_sets import unscorable
-
-    if not getattr(args, "skip_bad", False):
-        if check:
-            from sentinel_vllm.traces import MissingSeriesError
-
-            for spec in sets:
-                bad = unscorable(traces, *spec)
-                if bad:
-                    raise MissingSeriesError(f"{bad[min(bad)]} (feature set {spec[0]!r}; --skip-bad skips "
-                                             f"such records)")
+    skip = getattr(args, "skip_bad", False)
+    if not (skip or check):
         return traces
+    from sentinel_vllm.feature_sets import unscorable
+    from sentinel_vllm.traces import MissingSeriesError
 
     bad: dict[int, str] = {}
     for spec in sets:
-        for i, why in unscorable(traces, *spec).items():
+        found = unscorable(traces, *spec)
+        if found and not skip:
+            raise MissingSeriesError(f"{found[min(found)]} (feature set {spec[0]!r}; --skip-bad skips "
+                                     "such records)")
+        for i, why in found.items():
             bad.setdefault(i, why)
+    if not skip:
+        return traces
     if bad:
         print(f"skipped {len(bad)} record(s) the features cannot be computed for; "
               f"first: {bad[min(bad)]}", file=sys.stderr)
