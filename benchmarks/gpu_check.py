@@ -14,8 +14,8 @@ timeout still leaves the finished sections on disk):
    test_kernels_cuda.py on CUDA without the interpreter (a subprocess);
 2. ``bandwidth`` -- kernel time vs a device copy of the same bytes, per dtype,
    batch and vocab, for full + top-20, full only; ``frac_copy`` is defined below;
-3. ``syncs`` -- the V1 processor (vLLM's interface modules stubbed: no vLLM on the
-   machine) driven for 200 steps with requests added, removed and swapped, under
+3. ``syncs`` -- the V1 and MRV2 processors (vLLM's interface modules stubbed: no vLLM
+   on the machine) each driven for 200 steps with requests added, removed and swapped, under
    ``torch.cuda.set_sync_debug_mode``: synchronising calls counted per phase
    ("warn" pass), then the same schedule under "error";
 4. ``decode`` -- transformers ``Qwen2ForCausalLM`` with random weights, Qwen2-0.5B
@@ -227,20 +227,24 @@ def sec_bandwidth(ctx, budget: Budget) -> dict:
 
 
 def _install_vllm_stubs():
-    """Stub the one vLLM module processor_v1 imports; returns the saved sys.modules entries.
+    """Stub the vLLM modules the two processors import; returns what to restore.
 
-    Only the names processor_v1 uses: ``BatchUpdate`` (removed, added, moved,
-    batch_size), ``LogitsProcessor`` (a base class) and ``MoveDirectionality``.
+    Only the names they use: ``vllm.v1.sample.logits_processor`` (V1:
+    ``BatchUpdate`` with removed, added, moved, batch_size; ``LogitsProcessor``;
+    ``MoveDirectionality``) and ``vllm.v1.worker.gpu.sample.logits_processor``
+    (MRV2: ``LogitsProcessor``). Any real vLLM (and the processor modules bound
+    to it) is set aside and put back by :func:`_remove_vllm_stubs`.
     """
     import enum
 
-    names = ["vllm", "vllm.v1", "vllm.v1.sample", "vllm.v1.sample.logits_processor"]
+    v1 = "vllm.v1.sample.logits_processor"
+    mr = "vllm.v1.worker.gpu.sample.logits_processor"
+    names = sorted({m.rsplit(".", j)[0] for m in (v1, mr) for j in range(m.count(".") + 1)})
     drop = [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]
     drop += [m for m in sys.modules if m.startswith("sentinel_vllm.serving.worker.processor")]
     saved = {m: sys.modules.pop(m) for m in drop}
     for n in names:
         sys.modules[n] = types.ModuleType(n)
-    lp = sys.modules["vllm.v1.sample.logits_processor"]
 
     class MoveDirectionality(enum.Enum):
         UNIDIRECTIONAL = 0
@@ -254,8 +258,10 @@ def _install_vllm_stubs():
     class LogitsProcessor:
         pass
 
+    lp = sys.modules[v1]
     lp.MoveDirectionality, lp.BatchUpdate, lp.LogitsProcessor = (
         MoveDirectionality, BatchUpdate, LogitsProcessor)  # fmt: skip
+    sys.modules[mr].LogitsProcessor = type("LogitsProcessor", (), {})
     return saved, names
 
 
@@ -320,8 +326,78 @@ def make_schedule(steps: int, max_batch: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def _processor_run(ctx, sched, pool, vocab, max_batch, mode):
-    """Drive a fresh V1 processor through ``sched``; count sync warnings per phase.
+def _vllm_config(vocab, max_batch):
+    return types.SimpleNamespace(
+        additional_config={}, model_config=types.SimpleNamespace(
+            max_model_len=4096, get_vocab_size=lambda: vocab),
+        scheduler_config=types.SimpleNamespace(max_num_seqs=max_batch))  # fmt: skip
+
+
+class V1Driver:
+    """Feeds a schedule step to the V1 processor as vLLM's persistent batch does."""
+
+    def __init__(self, ctx, vocab, max_batch):
+        from sentinel_vllm.serving.worker.processor_v1 import SentinelLogitsProcessor
+
+        self.proc = SentinelLogitsProcessor(_vllm_config(vocab, max_batch), ctx.dev, True,
+                                            backend=ctx.backend)  # fmt: skip
+
+    def update(self, e, outs, params):
+        from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+        added = [(r, params[q], [1, 2, 3], outs[q]) for r, q in e["added"]]
+        moved = [(a, b, MoveDirectionality.SWAP if k == "swap" else
+                  MoveDirectionality.UNIDIRECTIONAL) for a, b, k in e["moved"]]  # fmt: skip
+        self.proc.update_state(BatchUpdate(len(e["rows"]), e["removed"], added, moved))
+
+    def apply(self, logits, e, outs):
+        self.proc.apply(logits)
+
+
+class MRV2Driver:
+    """Feeds a schedule step to the MRV2 processor: request slots from a free list,
+    ``add_request`` only (no removal hook), host-side ``LogitsContext`` arrays."""
+
+    PROMPT = 3
+
+    def __init__(self, ctx, vocab, max_batch):
+        import numpy as np
+
+        from sentinel_vllm.serving.worker.processor_mrv2 import SentinelLogitsProcessorMRV2
+
+        def uva(n):
+            a = np.zeros(n, dtype=np.int32)
+            return types.SimpleNamespace(np=a, gpu=None)  # .gpu: device path only (spec decode)
+
+        self.np = np
+        self.rs = types.SimpleNamespace(device=ctx.dev, max_num_reqs=max_batch, vocab_size=vocab,
+                                        prompt_len=uva(max_batch), prefill_len=uva(max_batch))
+        self.proc = SentinelLogitsProcessorMRV2(_vllm_config(vocab, max_batch), self.rs,
+                                                backend=ctx.backend)  # fmt: skip
+        self.free = list(range(max_batch - 1, -1, -1))
+        self.slot_of: dict = {}
+
+    def update(self, e, outs, params):
+        live = set(e["rows"])
+        for q in [q for q in self.slot_of if q not in live]:  # finished: slot back to the list
+            self.free.append(self.slot_of.pop(q))
+        for _, q in e["added"]:
+            i = self.free.pop()
+            self.slot_of[q] = i
+            self.rs.prompt_len.np[i] = self.rs.prefill_len.np[i] = self.PROMPT
+            self.proc.add_request(i, params[q])
+
+    def apply(self, logits, e, outs):
+        np = self.np
+        ctx = types.SimpleNamespace(
+            idx_mapping_np=np.array([self.slot_of[q] for q in e["rows"]], dtype=np.int32),
+            seq_lens_upper_bound_np=np.array([self.PROMPT + len(outs[q]) for q in e["rows"]],
+                                             dtype=np.int32))  # fmt: skip
+        self.proc.apply(logits, ctx)
+
+
+def _processor_run(ctx, driver_cls, sched, pool, vocab, max_batch, mode):
+    """Drive a fresh processor through ``sched``; count sync warnings per phase.
 
     ``mode``: None (no debug mode), "warn" (count) or "error" (a synchronising
     call raises; the processor's own guard then disables it: recorded as
@@ -330,15 +406,8 @@ def _processor_run(ctx, sched, pool, vocab, max_batch, mode):
     import logging
 
     import torch
-    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-    from sentinel_vllm.serving.worker.processor_v1 import SentinelLogitsProcessor
-
-    cfg = types.SimpleNamespace(
-        additional_config={}, model_config=types.SimpleNamespace(
-            max_model_len=4096, get_vocab_size=lambda: vocab),
-        scheduler_config=types.SimpleNamespace(max_num_seqs=max_batch))  # fmt: skip
-    proc = SentinelLogitsProcessor(cfg, ctx.dev, True, backend=ctx.backend)
+    drv = driver_cls(ctx, vocab, max_batch)
     errors = []
 
     class Grab(logging.Handler):
@@ -350,10 +419,8 @@ def _processor_run(ctx, sched, pool, vocab, max_batch, mode):
     lg = logging.getLogger("sentinel_vllm.serving.worker.processor_base")
     grab = Grab()
     lg.addHandler(grab)
-    outs: dict = {}
-    truth: dict = {}
+    outs, truth, params, where = {}, {}, {}, {}
     counts = {"update_state": 0, "apply": 0}
-    where: dict = {}
     cuda = ctx.dev.type == "cuda" and mode is not None
     if ctx.dev.type == "cuda":
         torch.cuda.synchronize()
@@ -363,17 +430,13 @@ def _processor_run(ctx, sched, pool, vocab, max_batch, mode):
             if cuda:
                 torch.cuda.set_sync_debug_mode(mode)
             for i, e in enumerate(sched):
-                added = []
-                for r, q in e["added"]:
+                for _, q in e["added"]:
                     outs[q] = []
-                    params = types.SimpleNamespace(extra_args={"sentinel_id": f"r{q}"})
-                    added.append((r, params, [1, 2, 3], outs[q]))
-                moved = [(a, b, MoveDirectionality.SWAP if k == "swap" else
-                          MoveDirectionality.UNIDIRECTIONAL) for a, b, k in e["moved"]]  # fmt: skip
-                bu = BatchUpdate(len(e["rows"]), e["removed"], added, moved)
+                    params[q] = types.SimpleNamespace(extra_args={"sentinel_id": f"r{q}"})
                 logits = pool[i % len(pool)][: len(e["rows"])]
-                for phase, call in (("update_state", lambda bu=bu: proc.update_state(bu)),
-                                    ("apply", lambda x=logits: proc.apply(x))):  # fmt: skip
+                steps = (("update_state", lambda e=e: drv.update(e, outs, params)),
+                         ("apply", lambda x=logits, e=e: drv.apply(x, e, outs)))  # fmt: skip
+                for phase, call in steps:
                     n0 = len(w)
                     call()
                     for x in w[n0:]:
@@ -381,8 +444,8 @@ def _processor_run(ctx, sched, pool, vocab, max_batch, mode):
                             counts[phase] += 1
                             key = f"{phase} {Path(x.filename).name}:{x.lineno}"
                             where[key] = where.get(key, 0) + 1
-                    if proc.failed and "failed_at" not in where:
-                        where["failed_at"] = f"step {i} {phase}: {proc.failed}"
+                    if drv.proc.failed and "failed_at" not in where:
+                        where["failed_at"] = f"step {i} {phase}: {drv.proc.failed}"
                 for q in e["rows"]:  # the sampled token of this step
                     outs[q].append(0)
                     truth[q] = truth.get(q, 0) + 1
@@ -390,7 +453,24 @@ def _processor_run(ctx, sched, pool, vocab, max_batch, mode):
         if cuda:
             torch.cuda.set_sync_debug_mode("default")
         lg.removeHandler(grab)
-    return proc, truth, counts, where, errors
+    return drv.proc, truth, counts, where, errors
+
+
+def _sync_pass(ctx, driver_cls, sched, pool, vocab, max_batch, mode) -> dict:
+    """One pass of the schedule, then the result channel checked against the step counts."""
+    t0 = time.perf_counter()
+    proc, truth, counts, where, errors = _processor_run(ctx, driver_cls, sched, pool, vocab,
+                                                        max_batch, mode)  # fmt: skip
+    got = proc.tracker.fetch([f"r{q}" for q in truth])  # host copy by design, after the loop
+    bad = [(sid, s["n_steps"], truth[int(sid[1:])]) for sid, ss in got.items()
+           for s in ss if s["n_steps"] + s["nan_steps"] != truth[int(sid[1:])]]  # fmt: skip
+    live = set(sched[-1]["rows"])
+    return {
+        "syncs": counts, "where": where, "failed": proc.failed, "errors": errors[:2],
+        "s": round(time.perf_counter() - t0, 2), "fetched": sum(len(v) for v in got.values()),
+        "live_fetched": sum(f"r{q}" in got for q in live), "live": len(live),
+        "step_count_mismatches": bad[:5], "n_mismatch": len(bad),
+    }  # fmt: skip
 
 
 def sec_syncs(ctx, budget: Budget) -> dict:
@@ -403,42 +483,29 @@ def sec_syncs(ctx, budget: Budget) -> dict:
     pool = [(torch.randn(max_batch, vocab, generator=g) * 3).to(ctx.dev) for _ in range(4)]
     saved, names = _install_vllm_stubs()
     res = {"steps": steps, "max_batch": max_batch, "vocab": vocab,
-           "driver": "processor_v1.SentinelLogitsProcessor with vllm.v1.sample.logits_processor "
-                     "stubbed (BatchUpdate, MoveDirectionality, LogitsProcessor); real tracker, "
-                     "SlotState and kernel",
+           "driver": "processor_v1.SentinelLogitsProcessor (v1) and processor_mrv2."
+                     "SentinelLogitsProcessorMRV2 (mrv2, host-mapped rows) with their vLLM "
+                     "interface modules stubbed; real tracker, SlotState and kernel",
            "n_requests": 1 + max(q for e in sched for _, q in e["added"])}  # fmt: skip
+    ok = True
     try:
-        _processor_run(ctx, sched[:10], pool, vocab, max_batch, None)  # warm-up: JIT, caches
-        for mode in ("warn", "error"):
-            if budget.left() < 2:
-                res[f"{mode}_pass"] = {"skipped": "budget"}
-                continue
-            t0 = time.perf_counter()
-            proc, truth, counts, where, errors = _processor_run(ctx, sched, pool, vocab,
-                                                                max_batch, mode)  # fmt: skip
-            # verification after the loop (the result channel copies to the host by design)
-            got = proc.tracker.fetch([f"r{q}" for q in truth])
-            bad = [(sid, s["n_steps"], truth[int(sid[1:])]) for sid, ss in got.items()
-                   for s in ss if s["n_steps"] + s["nan_steps"] != truth[int(sid[1:])]]  # fmt: skip
-            live = set(sched[-1]["rows"])
-            res[f"{mode}_pass"] = {
-                "syncs": counts, "where": where, "failed": proc.failed, "errors": errors[:2],
-                "s": round(time.perf_counter() - t0, 2),
-                "fetched": sum(len(v) for v in got.values()),
-                "live_fetched": sum(f"r{q}" in got for q in live), "live": len(live),
-                "step_count_mismatches": bad[:5], "n_mismatch": len(bad),
-            }
+        for tag, cls in (("v1", V1Driver), ("mrv2", MRV2Driver)):
+            _processor_run(ctx, cls, sched[:10], pool, vocab, max_batch, None)  # warm-up: JIT
+            for mode in ("warn", "error"):
+                if budget.left() < 2:
+                    res[f"{tag}_{mode}_pass"] = {"skipped": "budget"}
+                    ok = False
+                    continue
+                r = _sync_pass(ctx, cls, sched, pool, vocab, max_batch, mode)
+                res[f"{tag}_{mode}_pass"] = r
+                ok &= (r["syncs"] == {"update_state": 0, "apply": 0} and r["failed"] is None
+                       and r["n_mismatch"] == 0 and r["live_fetched"] == r["live"])  # fmt: skip
     finally:
         _remove_vllm_stubs(saved, names)
-    w, e = res.get("warn_pass", {}), res.get("error_pass", {})
-    per_step = w.get("syncs", {}).get("apply")
-    res["syncs_per_step"] = None if per_step is None else per_step / steps
+    per = [res[k]["syncs"]["apply"] for k in res if k.endswith("warn_pass") and "syncs" in res[k]]
+    res["syncs_per_step"] = None if not per else max(per) / steps
     res["mode_applies"] = ctx.dev.type == "cuda"
-    res["ok"] = (
-        w.get("syncs") == {"update_state": 0, "apply": 0} and not w.get("failed")
-        and e.get("failed") is None and "syncs" in e and e.get("n_mismatch") == 0
-        and w.get("n_mismatch") == 0 and e.get("live_fetched") == e.get("live")
-    )  # fmt: skip
+    res["ok"] = bool(ok)
     return res
 
 
@@ -702,9 +769,9 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
     out.append(("2 bandwidth", "worst frac_copy in goal range", str(b.get("worst_goal_frac")),
                 ok(b)))  # fmt: skip
     s = results.get("syncs", {})
-    for mode in ("warn", "error"):
-        m = s.get(f"{mode}_pass", {})
-        out.append(("3 syncs", f"{mode} pass: syncs / failed / mismatches",
+    for tag in ("v1_warn", "v1_error", "mrv2_warn", "mrv2_error"):
+        m = s.get(f"{tag}_pass", {})
+        out.append(("3 syncs", f"{tag} pass: syncs / failed / mismatches",
                     f"{m.get('syncs')} / {m.get('failed')} / {m.get('n_mismatch')}", ""))
     out.append(("3 syncs", "host syncs per step", str(s.get("syncs_per_step")), ok(s)))
     d = results.get("decode", {})

@@ -66,11 +66,11 @@ def test_schedule_is_consistent_with_vllm_update_order(seed):
 
 
 def test_sync_section_on_cpu_counts_every_step(monkeypatch):
-    """The V1 processor with vLLM stubbed: every fetched trajectory has one step per batch step."""
+    """Both processors with vLLM stubbed: every fetched trajectory has one step per batch step."""
     monkeypatch.setenv("SENTINEL_VLLM_NO_COMPILE", "1")
     ctx = types.SimpleNamespace(dry=True, dev=torch.device("cpu"), backend="torch")
     res = gc.sec_syncs(ctx, gc.Budget(60, float("inf")))
-    for mode in ("warn_pass", "error_pass"):
+    for mode in ("v1_warn_pass", "v1_error_pass", "mrv2_warn_pass", "mrv2_error_pass"):
         assert res[mode]["n_mismatch"] == 0 and res[mode]["failed"] is None
         assert res[mode]["live_fetched"] == res[mode]["live"] > 0
         assert res[mode]["fetched"] > res[mode]["live"]  # parked requests too
