@@ -7,7 +7,8 @@
 # Needs python3 with a CUDA torch, triton and transformers; no vLLM, no network, no
 # install: the repo root goes on PYTHONPATH and sentinel_vllm/kernels -> ../kernels is
 # created if missing. The driver benchmarks/gpu_check.py runs, each guarded and with its
-# own time budget: 1 kernel tests on CUDA without the interpreter (pytest subprocess),
+# own time budget: 1 kernel tests on CUDA without the interpreter (pytest subprocess:
+# test_kernels_triton.py, test_kernels_cuda.py and the CUDA test of test_kernels.py),
 # 2 kernel bandwidth vs the measured copy bandwidth, 3 host syncs per decode step, 4 a
 # random-weight Qwen2-0.5B-shaped decode loop with/without the sentinel, 5 the recorded
 # trajectories vs float64. CPU check of the script: python benchmarks/gpu_check.py --dry-run
