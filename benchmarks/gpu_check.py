@@ -77,8 +77,6 @@ def log(msg: str) -> None:
 
 def timer(dev, fn, quick: bool = False) -> float:
     """Median milliseconds of ``fn()``: do_bench on CUDA, perf_counter on CPU."""
-    import torch
-
     if dev.type == "cuda":
         from triton.testing import do_bench
 
@@ -89,7 +87,6 @@ def timer(dev, fn, quick: bool = False) -> float:
         t0 = time.perf_counter()
         fn()
         ts.append((time.perf_counter() - t0) * 1e3)
-    del torch
     return sorted(ts)[len(ts) // 2]
 
 
