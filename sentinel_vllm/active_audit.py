@@ -15,11 +15,11 @@ twice. The slice's accuracy is the power-tuned Hansen-Hurwitz estimate
     theta = lam * mean(p) + (1/n) sum_j w_j (y_j - lam * p_j),   w_j = 1 / (N q_j),
 
 unbiased for the slice's accuracy whatever ``lam`` and the sentinel's bias (the
-draws are iid, ``E[w (y - lam p)] = mean(y - lam p)``). It is ppi-python's
-``ppi_mean_pointestimate(y, p_lab, p_all, lam, w=w)`` (sample weights ``w`` on the
-labelled draws, the whole slice as the unlabelled set), and its variance
-``var(w (y - lam p)) / n + lam^2 var(p) / N`` is the one ``ppi_mean_ci`` uses with
-those weights. ``lam`` minimises that variance. The interval inverts it like
+draws are iid, ``E[w (y - lam p)] = mean(y - lam p)``), with variance
+``var(w (y - lam p)) / n + lam^2 var(p) / N``; ``lam`` minimises it. ppi-python's
+sample weights (``ppi_mean_ci(..., w=w)``) are the same formulas except that it rescales
+``w`` to mean 1 (a ratio estimator, biased for a fixed design), so they are computed
+here; with weights of mean 1 the two agree (tests). The interval inverts it like
 Wilson's score interval (as :func:`sentinel_vllm.audit.ppi_interval` does for random
 labels): ``(theta - t)^2 <= z^2 (r t (1 - t) / n + c)`` with ``r`` the variance of
 ``w (y - lam p)`` relative to a Bernoulli draw at the labels' weighted mean (when all
@@ -132,8 +132,8 @@ def suggest(ids: Sequence[str], p, n: int, rng, eta: float = ETA) -> tuple[np.nd
     return q, [int(i) for i in rng.choice(q.size, size=int(n), replace=True, p=q)]
 
 
-def active_interval(y, p_lab, w, population: int, p_sum: float, p_sum2: float,
-                    alpha: float = ALPHA, lam: float | None = None) -> tuple[float, float, float, float]:
+def active_interval(y, p_lab, w, population: int, p_sum: float, p_sum2: float, alpha: float = ALPHA,
+                    lam: float | None = None, method: str = "score") -> tuple[float, float, float, float]:
     """Power-tuned Hansen-Hurwitz estimate and score interval (module docstring).
 
     Parameters
@@ -144,6 +144,9 @@ def active_interval(y, p_lab, w, population: int, p_sum: float, p_sum2: float,
         ``N`` and the sums of ``p`` and ``p^2`` over the population.
     lam : float, optional
         Fixed weight (0: labels only); None tunes it.
+    method : {"score", "wald"}
+        ``"wald"``: estimate +- z * se, what ``ppi_py.ppi_mean_ci(y, p_lab, p_all, lam=lam,
+        w=w)`` gives; ``"score"`` (default): inverted like Wilson's interval.
 
     Returns
     -------
@@ -152,7 +155,8 @@ def active_interval(y, p_lab, w, population: int, p_sum: float, p_sum2: float,
     Raises
     ------
     ValueError
-        Fewer than :data:`MIN_LABELS` draws, lengths that differ, weights not positive.
+        Fewer than :data:`MIN_LABELS` draws, lengths that differ, weights not positive, or
+        an unknown method.
     """
     from scipy.stats import norm
 
@@ -163,9 +167,11 @@ def active_interval(y, p_lab, w, population: int, p_sum: float, p_sum2: float,
         raise ValueError(f"the audit needs at least {MIN_LABELS} labels; got {y.size}")
     if not np.all(w > 0):
         raise ValueError("design weights must be positive")
+    if method not in ("score", "wald"):
+        raise ValueError(f"unknown interval method {method!r}; use 'score' or 'wald'")
     n, N = y.size, int(population)
     p_mean = p_sum / N
-    p_var = max(p_sum2 / N - p_mean**2, 0.0) * N / max(N - 1, 1)
+    p_var = max(p_sum2 / N - p_mean**2, 0.0)
     wy, wf = w * y, w * pl
     equal = bool(np.ptp(y) == 0)
     if lam is None:
@@ -180,6 +186,10 @@ def active_interval(y, p_lab, w, population: int, p_sum: float, p_sum2: float,
     else:
         r = float(np.var(z_terms)) / (hajek * (1 - hajek))
     zq = float(norm.ppf(1 - alpha / 2))
+    if method == "wald":
+        half = zq * math.sqrt(float(np.var(z_terms)) / n + lam**2 * p_var / N)
+        clip = lambda v: min(1.0, max(0.0, v))
+        return clip(est), clip(est - half), clip(est + half), lam
     return (*_score_bounds(est, r / n, lam**2 * p_var / N, zq), lam)
 
 
