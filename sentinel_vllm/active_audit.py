@@ -35,6 +35,7 @@ ids, their ``p`` and ``q`` and the drawn ids, with the sentinel's id and the see
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -60,8 +61,8 @@ __all__ = [
     "write_plan",
 ]
 
-#: Share of the uniform design in the mix (robustness: no weight above 1 / ETA; chosen
-#: before the simulation, not tuned on it; benchmarks/RESULTS.md shows 0.2 beside it).
+#: Share of the uniform design in the mix: no weight above 1 / ETA = 2, whatever the sentinel
+#: says (robust when its uncertainty is wrong on a slice); benchmarks/RESULTS.md shows 0.2 beside it.
 ETA = 0.5
 PLAN_FORMAT = "sentinel-vllm active-labelling plan"
 METHOD = "hansen-hurwitz: n iid draws, q = (1 - eta) sqrt(p(1-p)) / sum + eta / N"
@@ -158,8 +159,6 @@ def active_interval(y, p_lab, w, population: int, p_sum: float, p_sum2: float, a
         Fewer than :data:`MIN_LABELS` draws, lengths that differ, weights not positive, or
         an unknown method.
     """
-    from scipy.stats import norm
-
     y, pl, w = (np.asarray(v, dtype=np.float64).ravel() for v in (y, p_lab, w))
     if not y.size == pl.size == w.size:
         raise ValueError(f"{y.size} labels, {pl.size} predictions and {w.size} weights")
@@ -185,12 +184,19 @@ def active_interval(y, p_lab, w, population: int, p_sum: float, p_sum2: float, a
         r = float(np.mean(w * w) / np.mean(w) ** 2)  # Kish's design effect
     else:
         r = float(np.var(z_terms)) / (hajek * (1 - hajek))
-    zq = float(norm.ppf(1 - alpha / 2))
+    zq = _z(alpha)
     if method == "wald":
         half = zq * math.sqrt(float(np.var(z_terms)) / n + lam**2 * p_var / N)
         clip = lambda v: min(1.0, max(0.0, v))
         return clip(est), clip(est - half), clip(est + half), lam
     return (*_score_bounds(est, r / n, lam**2 * p_var / N, zq), lam)
+
+
+@functools.lru_cache(maxsize=8)
+def _z(alpha: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.ppf(1 - alpha / 2))
 
 
 def _score_bounds(est: float, a: float, c: float, z: float) -> tuple[float, float, float]:
