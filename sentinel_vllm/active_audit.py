@@ -146,8 +146,8 @@ def active_interval(y, p_lab, w, population: int, p_sum: float, p_sum2: float, a
     lam : float, optional
         Fixed weight (0: labels only); None tunes it.
     method : {"score", "wald"}
-        ``"wald"``: estimate +- z * se, what ``ppi_py.ppi_mean_ci(y, p_lab, p_all, lam=lam,
-        w=w)`` gives; ``"score"`` (default): inverted like Wilson's interval.
+        ``"wald"``: estimate +- z * se (``ppi_py.ppi_mean_ci(y, p_lab, p_all, lam=lam, w=w)``
+        when ``w`` has mean 1); ``"score"`` (default): inverted like Wilson's interval.
 
     Returns
     -------
