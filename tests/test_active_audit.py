@@ -203,6 +203,13 @@ def test_audit_cli_suggest_then_plan(tmp_path, capsys):
     for o in out:
         ref = audit_design(o["slice"], designs[o["slice"]], truth)
         assert o == ref.as_dict() and o["n"] == 60 and o["n_labelled"] == 15
+    # traffic that grew since the plan: the new responses are outside the design, the result is the same
+    more = tmp_path / "more.jsonl"
+    write_traces(more, [{**r, "id": "new-" + r["id"], "correct": None} for r in recs[:7]])
+    assert main(["audit", "default", "--traces", str(traffic), str(more), "--labels", str(labels),
+                 "--plan", str(plan), "--json"]) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out) == out and "7 response(s) of the traces are not in the plan" in cap.err
     # labels the plan did not draw; a plan for another sentinel; other traces
     other = next(r["id"] for r in recs if r["id"] not in ids)
     (tmp_path / "extra.jsonl").write_text(labels.read_text() + json.dumps({"id": other, "correct": True}))
