@@ -6,7 +6,10 @@ side records ``(id, slice, p_correct, time)`` of every scored choice in an SQLit
 so a label posted to any of them finds a response served by any other.
 ``POST /sentinel/labels`` (:mod:`sentinel_vllm.serving.api.labels`) sets labels; the
 slice's audited accuracy is :func:`sentinel_vllm.audit.audit_slice` of the store's
-rows of that slice (PPI++ 95% interval), exported on ``/metrics`` by
+rows of that slice (PPI++ 95% interval), or, once a plan of ``GET
+/sentinel/labels/suggest`` (:mod:`sentinel_vllm.serving.api.suggest`; tables ``plans``
+and ``plan_draws``) has labelled draws, :func:`sentinel_vllm.active_audit.audit_design`
+of that plan's design, exported on ``/metrics`` by
 :class:`~sentinel_vllm.serving.api.audit_gauges.AuditGauges`, recomputed when labels arrive and before a scrape when the
 store changed.
 
