@@ -26,7 +26,8 @@ __all__ = [
     "RPC_FETCH", "RPC_DISCARD", "RPC_TRAJECTORIES", "RPC_STATS", "STATS_KEYS",
     "PROCESSOR", "V1_PROCESSOR", "MRV2_PROCESSOR", "WORKER_EXTENSION", "MIDDLEWARE",
     "CONFIG_ENV", "SENTINEL_ENV", "SERIES_ENV", "ADDITIONAL_CONFIG_KEY", "DEFAULT_SERIES",
-    "processor_fqcn", "vllm_launch_kwargs", "first_answer", "merge_answers",
+    "processor_fqcn", "vllm_launch_kwargs", "offline_additional_config", "OFFLINE_PARK_TIMEOUT_S",
+    "first_answer", "merge_answers",
 ]
 
 # --------------------------------------------------------------- request keys
@@ -196,6 +197,33 @@ def vllm_launch_kwargs(needed_series: Iterable[str] = (), *, series: Iterable[st
     merged = {**extra, ADDITIONAL_CONFIG_KEY: {**mine, "series": ",".join(chosen)}}
     return {"logits_processors": procs, "worker_extension_cls": WORKER_EXTENSION,
             "additional_config": merged}
+
+
+# An offline engine (``collect``, ``sentinel_vllm.LLM``) fetches every request's trajectory after
+# its ``generate`` call returns, however long the batch took: its parked trajectories must not
+# expire after serving's 600 s (a slow CPU batch lost its early finishers). LRU eviction still
+# bounds the parked slots.
+OFFLINE_PARK_TIMEOUT_S = 30 * 86400.0
+
+
+def offline_additional_config(additional_config: Mapping | str | None) -> dict:
+    """The user's ``additional_config`` with ``park_timeout_s`` for an offline engine.
+
+    A ``park_timeout_s`` the user set under ``"sentinel"`` is kept; a JSON string is parsed
+    (errors are left to :func:`vllm_launch_kwargs`, which names them).
+    """
+    import json
+
+    extra = additional_config if additional_config is not None else {}
+    if isinstance(extra, str):
+        try:
+            extra = json.loads(extra)
+        except json.JSONDecodeError:
+            return extra  # type: ignore[return-value]
+    if not isinstance(extra, Mapping) or not isinstance(extra.get(ADDITIONAL_CONFIG_KEY, {}), Mapping):
+        return extra  # type: ignore[return-value]
+    mine = {"park_timeout_s": OFFLINE_PARK_TIMEOUT_S, **extra.get(ADDITIONAL_CONFIG_KEY, {})}
+    return {**extra, ADDITIONAL_CONFIG_KEY: mine}
 
 
 def first_answer(answers: list) -> Any:
