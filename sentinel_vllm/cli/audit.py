@@ -1,4 +1,9 @@
-"""``sentinel-vllm audit``: per-slice accuracy from a small human audit (PPI++ 95% intervals)."""
+"""``sentinel-vllm audit``: per-slice accuracy from a small human audit (PPI++ 95% intervals).
+
+``estimate``/``ci_low``/``ci_high`` are PPI++ (``interval = "ppi++"``, valid whatever the
+sentinel's error); the unlabelled estimate's interval is the sentinel file's band
+(``unlabelled_interval = "band"``) or sampling noise alone (``"sampling"``).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ EPILOG = ("example: sentinel-vllm audit sentinel.onnx --traces traffic.jsonl.gz 
           "labels: one JSON object per line, {\"id\": \"<trace id>\", \"correct\": true|false}")
 COLUMNS = ["slice", "n", "n_labelled", "estimate", "ci_low", "ci_high", "labels_only",
            "labels_ci_low", "labels_ci_high", "unlabelled", "unlabelled_ci_low",
-           "unlabelled_ci_high", "lam"]
+           "unlabelled_ci_high", "unlabelled_interval", "lam"]
 
 
 def add_parser(sub):
@@ -37,14 +42,15 @@ def run(args) -> int:
 
     labels = read_labels(args.labels)
     read = _common.load(args)
-    _, p, traces = score_traces(args.sentinel, read, args)
+    sent, p, traces = score_traces(args.sentinel, read, args)
     skipped = {t.id for t in read} - {t.id for t in traces}  # by --skip-bad: their labels go too
     dropped = [i for i in labels if i in skipped]
     if dropped:
         labels = {i: v for i, v in labels.items() if i not in skipped}
         print(f"dropped {len(dropped)} label(s) of records skipped by --skip-bad (first: {dropped[0]!r})",
               file=sys.stderr)
-    res = audit_slices([t.slice for t in traces], p, [t.id for t in traces], labels)
+    res = audit_slices([t.slice for t in traces], p, [t.id for t in traces], labels,
+                       sent.metadata.get("band"))
     if args.json:
         print(json.dumps([r.as_dict() for r in res], indent=2, allow_nan=False))
         return 0
