@@ -268,3 +268,22 @@ def test_default_sentinel_has_its_band_and_the_same_predictions():
     worst = max(band["units"], key=lambda u: band["units"][u]["score"])
     assert band["q"] == pytest.approx(band["units"][worst]["score"], abs=1e-12)
     assert band["nested"]["coverage"] >= 0.9
+
+
+def test_demo_table_says_which_interval():
+    import io
+
+    from sentinel_vllm.aggregate import estimate_slices
+    from sentinel_vllm.demo import print_table
+
+    band = {"method": "conformal-linear", "q": 0.1, "n_units": 19}
+    # p = 0.5, 0.7 twenty times each: se = sqrt(20 * 0.46) / 40 = 0.0758, half-width 0.2486
+    est = estimate_slices(["a"] * 40, [0.5, 0.7] * 20, [True, False] * 20, band)
+    out = io.StringIO()
+    print_table(est, band, out)
+    assert "95% band" in out.getvalue() and "[0.35, 0.85]" in out.getvalue()
+    assert "0.100 + 1.96 se" in out.getvalue()
+    out = io.StringIO()
+    print_table(estimate_slices(["a"] * 40, [0.5, 0.7] * 20, [True, False] * 20), None, out)
+    assert "95% sampling" in out.getvalue() and "[0.45, 0.75]" in out.getvalue()
+    assert "sampling noise only" in out.getvalue()
