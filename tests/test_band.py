@@ -222,7 +222,8 @@ def test_estimate_json_gauges_and_recording_rule_agree(band_files, tmp_path, cap
         for name, per_min in (("sentinel_p_correct_count", len(ps)),
                               ("sentinel_p_correct_sum", ps.sum()),
                               ("sentinel_p_correct_variance_total", (ps * (1 - ps)).sum())):
-            series.append(f"      - series: '{name}{{{fl}}}'\n        values: '0+{per_min!r}x30'")
+            series.append(f"      - series: '{name}{{{fl}}}'\n"
+                          f"        values: '0+{float(per_min)!r}x30'")
         for rule, key in (("mean5m", "estimate"), ("ci_low5m", "ci_low"), ("ci_high5m", "ci_high")):
             labels = fl + ("" if rule == "mean5m" else ',interval="band"')
             exprs.append(f'      - expr: abs(slice:sentinel_p_correct:{rule}{{slice="{s}"}} - '
