@@ -288,3 +288,17 @@ def test_demo_table_says_which_interval():
     print_table(estimate_slices(["a"] * 40, [0.5, 0.7] * 20, [True, False] * 20), None, out)
     assert "95% sampling" in out.getvalue() and "[0.45, 0.75]" in out.getvalue()
     assert "sampling noise only" in out.getvalue()
+
+
+def test_audit_says_which_interval():
+    from sentinel_vllm.audit import audit_slice
+
+    band = {"method": "conformal-linear", "q": 0.1}
+    p = [0.5, 0.7] * 20
+    labels = [True, False, None, None] * 10  # 20 labels
+    a = audit_slice("a", p, labels, band)
+    ref = estimate_accuracy(p, band=band)
+    assert a.interval == "ppi++" and a.unlabelled_interval == "band"
+    assert (a.unlabelled_ci_low, a.unlabelled_ci_high) == (ref.ci_low, ref.ci_high)
+    assert audit_slice("a", p, labels).unlabelled_interval == "sampling"
+    assert a.as_dict()["interval"] == "ppi++"
