@@ -170,6 +170,7 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
     metrics = SentinelMetrics(
         model=config.model_label or httpx.URL(base).netloc.decode(),
         sentinel_id=scorer.id,
+        band=scorer.scorer.band,
         registry=registry,
         **metrics_options(config),
     )

@@ -2,6 +2,9 @@
 
 With ``--suggest N --plan FILE`` it first says which responses to label (active labelling,
 :mod:`sentinel_vllm.active_audit`); ``--labels L --plan FILE`` then audits with that design.
+``estimate``/``ci_low``/``ci_high`` are PPI++ (``interval = "ppi++"``, valid whatever the
+sentinel's error); the unlabelled estimate's interval is the sentinel file's band
+(``unlabelled_interval = "band"``) or sampling noise alone (``"sampling"``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ EPILOG = ("example: sentinel-vllm audit sentinel.onnx --traces traffic.jsonl.gz 
           "  an id listed twice is labelled once), then: audit S --traces T --labels L --plan plan.json")
 COLUMNS = ["slice", "n", "n_labelled", "estimate", "ci_low", "ci_high", "labels_only",
            "labels_ci_low", "labels_ci_high", "unlabelled", "unlabelled_ci_low",
-           "unlabelled_ci_high", "lam"]
+           "unlabelled_ci_high", "unlabelled_interval", "lam"]
 
 
 def add_parser(sub):
@@ -77,7 +80,8 @@ def run(args) -> int:
         print(f"dropped {len(dropped)} label(s) of records skipped by --skip-bad (first: {dropped[0]!r})",
               file=sys.stderr)
     if plan is None:
-        res = audit_slices([t.slice for t in traces], p, [t.id for t in traces], labels)
+        res = audit_slices([t.slice for t in traces], p, [t.id for t in traces], labels,
+                           sent.metadata.get("band"))
     else:
         res = _planned(plan, sent.id, traces, p, labels)
     if args.json:

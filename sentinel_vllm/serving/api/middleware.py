@@ -173,7 +173,8 @@ class _State:
                 pass
         model = _served_name(mc)
         factory = mw.metrics_factory or SentinelMetrics
-        self.metrics = factory(model=model, sentinel_id=mw.scorer.id, **metrics_options(cfg))
+        self.metrics = factory(model=model, sentinel_id=mw.scorer.id, band=mw.scorer.band,
+                               **metrics_options(cfg))
 
         self.rpc = rpc = engine_rpc(engine)  # every engine's workers (data parallel)
         self.audit = ServingAudit.open(cfg, self.metrics)  # None when the store failed (logged)
