@@ -24,7 +24,11 @@ import os
 import sys
 
 from sentinel_vllm.cli import DATA_ERROR
+from sentinel_vllm.serving.api.settings import add_sentinel_options, build_config
 from sentinel_vllm.serving.contract import CONFIG_ENV, MIDDLEWARE, vllm_launch_kwargs
+
+_add_sentinel_options = add_sentinel_options  # the name tests and older callers use
+__all__ = ["add_parser", "build_config", "main", "run", "vllm_argv"]
 
 EXAMPLES = """examples:
   sentinel-vllm serve ~/.cache/sentinel-vllm/models/smollm2-135m-instruct \\
@@ -37,39 +41,6 @@ EXAMPLES = """examples:
   # -> the response carries "sentinel": {"p_correct": ..., "features": {...}, ...}
 """
 
-
-
-def _add_sentinel_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sentinel")
-    g.add_argument("--sentinel", nargs="?", const="default", default="default", metavar="S.onnx",
-                   help="ONNX sentinel file (`sentinel-vllm train`); 'default' or no file: the "
-                        "embedded default sentinel (a warning names the model it was trained for)")
-    g.add_argument("--sentinel-slices", default=None, metavar="A,B,C",
-                   help="allowlist of slice labels (others count as 'other')")
-    g.add_argument("--sentinel-max-slices", type=int, default=32, metavar="N",
-                   help="cap on distinct slice labels (default 32)")
-    g.add_argument("--sentinel-drift-margin", type=float, default=0.05, metavar="M",
-                   help="drift alert when a slice's estimate < baseline - M (default 0.05)")
-    g.add_argument("--sentinel-baseline", default=None, metavar="JSON",
-                   help='baseline accuracy per slice: {"slice": 0.7, "*": 0.6}')
-    g.add_argument("--sentinel-replica", default=None,
-                   help="replica label of the metrics (default: hostname)")
-    g.add_argument("--sentinel-window", type=int, default=1000, metavar="N",
-                   help="responses per slice window (default 1000)")
-    g.add_argument("--sentinel-window-seconds", type=float, default=3600.0, metavar="S",
-                   help="age limit of the window in seconds, 0 = none (default 3600)")
-    g.add_argument("--sentinel-min-samples", type=int, default=20, metavar="N",
-                   help="no drift alert below this many responses in the window (default 20)")
-    g.add_argument("--sentinel-audit-db", default=None, metavar="PATH",
-                   help="SQLite file of the audit store (scored responses and the labels posted "
-                        "to /sentinel/labels), kept across restarts (default: a fresh file per run)")
-    g.add_argument("--sentinel-audit-retention", type=float, default=7 * 86400.0, metavar="S",
-                   help="responses older than S seconds leave the audit store (default 604800: 7 days)")
-    g.add_argument("--sentinel-audit-max-rows", type=int, default=1_000_000, metavar="N",
-                   help="cap on the audit store's responses, oldest dropped (default 1000000)")
-    g.add_argument("--sentinel-return-trajectory", action="store_true",
-                   help="add the per-step entropies (nats) to each block (debugging)")
-    g.add_argument("--sentinel-fault-injection", action="store_true", help=argparse.SUPPRESS)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -88,44 +59,6 @@ def run(args) -> int:
     """Entry used when the dispatcher parsed the arguments itself."""
     argv = [args.model, "--sentinel", args.sentinel, *args.vllm_args]
     return main(argv)
-
-
-def build_config(ns):
-    """:class:`~sentinel_vllm.serving.api.middleware.ServerConfig` from parsed options.
-
-    Raises
-    ------
-    ValueError
-        An unusable sentinel file, baseline file or option value.
-    """
-    from sentinel_vllm.cli._common import metrics_args
-    from sentinel_vllm.serving.api.audit_store import AuditStore
-    from sentinel_vllm.serving.api.metrics import load_baseline
-    from sentinel_vllm.serving.api.middleware import ServerConfig
-    from sentinel_vllm.serving.api.scoring import SentinelScorer, resolve_sentinel_path
-
-    path = resolve_sentinel_path(ns.sentinel)
-    scorer = SentinelScorer.from_path(ns.sentinel)  # ONNX only; warns when it is the default
-    if ns.sentinel_baseline is not None:
-        load_baseline(ns.sentinel_baseline)
-    if not 0 <= ns.sentinel_drift_margin <= 1:
-        raise ValueError(f"--sentinel-drift-margin must be in [0, 1], got {ns.sentinel_drift_margin}")
-    for opt in ("sentinel_max_slices", "sentinel_window", "sentinel_min_samples"):
-        if getattr(ns, opt) < 1:
-            raise ValueError(f"--{opt.replace('_', '-')} must be >= 1")
-    opts = metrics_args(ns)
-    opts["baseline"] = os.path.abspath(ns.sentinel_baseline) if ns.sentinel_baseline else None
-    db = os.path.abspath(ns.sentinel_audit_db) if ns.sentinel_audit_db else None
-    if db is not None:  # opened once here: an unusable path stops serve before vLLM starts
-        AuditStore(db, retention_s=ns.sentinel_audit_retention,
-                   max_rows=ns.sentinel_audit_max_rows).close()
-    elif not ns.sentinel_audit_retention > 0 or ns.sentinel_audit_max_rows < 1:
-        raise ValueError("--sentinel-audit-retention must be > 0 and --sentinel-audit-max-rows >= 1")
-    cfg = ServerConfig(sentinel=os.path.abspath(path), return_trajectory=ns.sentinel_return_trajectory,
-                       fault_injection=ns.sentinel_fault_injection, audit_db=db,
-                       audit_retention_s=ns.sentinel_audit_retention,
-                       audit_max_rows=ns.sentinel_audit_max_rows, **opts)
-    return cfg, scorer
 
 
 def fresh_audit_db() -> str:
