@@ -91,7 +91,7 @@ GENERAL_PLUGIN = "sentinel_vllm.serving.api.plugin:name_run"
 RUN_ENV = "SENTINEL_VLLM_RUN"
 
 # ------------------------------------------------------------------- settings
-#: JSON of the API side's ``ServerConfig`` (set by ``sentinel-vllm serve``).
+#: JSON of the API side's ``ServerConfig``, for the explicit ``--middleware`` wiring.
 CONFIG_ENV = "SENTINEL_VLLM_CONFIG"
 #: Shortcut for self-launched servers: just the sentinel file's path.
 SENTINEL_ENV = "SENTINEL_VLLM_SENTINEL"
@@ -178,9 +178,9 @@ def vllm_launch_kwargs(needed_series: Iterable[str] = (), *, series: Iterable[st
                        environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The vLLM engine settings that wire the sentinel in, merged with the user's.
 
-    The one place that decides them: ``sentinel-vllm serve`` (as CLI options),
-    ``sentinel_vllm.LLM`` and ``collect`` (as ``vllm.LLM`` keyword arguments) all
-    call it. The processor is :data:`PROCESSOR` whatever the runner (vLLM
+    The one place that decides them: ``sentinel_vllm.LLM`` and ``collect`` (as
+    ``vllm.LLM`` keyword arguments) call it, and ``sentinel-vllm serve`` for the series it
+    writes into ``--additional-config`` (it uses the plugins, not these class paths). The processor is :data:`PROCESSOR` whatever the runner (vLLM
     decides that inside the engine); the worker's settings travel in
     ``additional_config["sentinel"]``, the same way in every path.
 

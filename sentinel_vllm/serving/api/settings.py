@@ -162,3 +162,20 @@ def config_from_settings(settings: Mapping):
         return build_config(ns)
     except ValueError as exc:
         raise ValueError(f'additional_config["{ADDITIONAL_CONFIG_KEY}"]: {exc}') from exc
+
+
+def settings_of(ns: argparse.Namespace) -> dict:
+    """The ``additional_config["sentinel"]`` settings of parsed ``serve`` options.
+
+    The inverse of :func:`settings_argv`: every option that differs from its default,
+    and always ``file``; paths become absolute (vLLM may run elsewhere).
+    """
+    out = {}
+    for key, act in _option_table().items():
+        value = getattr(ns, act.dest)
+        if key == "file" or value != act.default:
+            out[key] = value
+    for key in ("file", "baseline", "audit_db"):
+        if out.get(key) not in (None, "default"):
+            out[key] = os.path.abspath(out[key])
+    return out
