@@ -41,6 +41,12 @@ def tracker_config(vllm_config: Any) -> dict:
     ``min(max_model_len, 32768)``), ``num_slots`` (``SENTINEL_NUM_SLOTS``,
     default ``2 * max_num_seqs``), ``park_timeout_s`` (``SENTINEL_PARK_TIMEOUT_S``,
     default 600), ``backend`` (``SENTINEL_BACKEND``, default ``auto``).
+
+    Raises
+    ------
+    ValueError
+        A value that does not convert (or an unknown series name), naming the key or
+        variable: the engine does not start.
     """
     import os
 
