@@ -1,7 +1,8 @@
 """The API-server side of the sentinel: an ASGI middleware on vLLM's OpenAI app.
 
-``sentinel-vllm serve`` adds it with vLLM's own ``--middleware`` option; users who
-launch vLLM themselves can do the same (see ``sentinel_vllm/serving/README.md``)::
+The endpoint plugin (:mod:`~sentinel_vllm.serving.api.plugin`) adds it to the app of plain
+``vllm serve`` and of ``sentinel-vllm serve`` when ``--additional-config`` has the
+``"sentinel"`` key; vLLM's own ``--middleware`` option works too (docs/serving.md)::
 
     SENTINEL_VLLM_SENTINEL=s.onnx vllm serve MODEL \\
         --logits-processors <processor class> \\
