@@ -105,8 +105,8 @@ def _entropy_kernel(full_ptr, topk_ptr, renorm_ptr, stride_out, x_ptr, stride_xr
 # Split path, pass 1: program (row, split) reduces columns [split * span, + span).
 # Partials: stats[row, split] = (m, S, T, bad); cand[row, split, :KP] = its top values.
 @triton.jit
-def _partial_kernel(stats_ptr, cand_ptr, x_ptr, stride_xr, stride_xc, V, span, KMAX,
-                    NS: tl.constexpr, KP: tl.constexpr, DO_TOPK: tl.constexpr,
+def _partial_kernel(stats_ptr, cand_ptr, x_ptr, stride_xr, stride_xc, V, span, KMAX, NS,
+                    KP: tl.constexpr, DO_TOPK: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
