@@ -199,10 +199,15 @@ def sec_bandwidth(ctx, budget: Budget) -> dict:
                 t_both = timer(dev, lambda x=x: entropy_step(x, (20,), backend=backend), ctx.dry)
                 t_full = timer(dev, lambda x=x: entropy_step(x, (), backend=backend), ctx.dry)
                 ns = choose_split(bsz, v, launch_config(v)[0], sm_count(dev))
-                t_one = t_both if ns == 1 else timer(
-                    dev, lambda x=x: entropy_step(x, (20,), backend=backend, split=1), ctx.dry)
+                by_split = {ns: t_both}
+                alts = (1, ns // 2, 2 * ns) if bsz >= 64 and v >= 131072 else (1,)
+                for alt in sorted({a for a in alts if a >= 1} - {ns}):  # tuning data
+                    by_split[alt] = timer(dev, lambda x=x, a=alt: entropy_step(
+                        x, (20,), backend=backend, split=a), ctx.dry)
+                t_one = by_split[1]
                 r = {"dtype": dt, "batch": bsz, "vocab": v, "bytes": nbytes, "nsplit": ns,
                      "t_full_top20_nosplit_ms": round(t_one, 5),
+                     "t_full_top20_by_split_ms": {a: round(t, 5) for a, t in by_split.items()},
                      "t_copy_ms": round(t_copy, 5), "t_full_top20_ms": round(t_both, 5),
                      "t_full_ms": round(t_full, 5),
                      "top20_extra_ms": round(t_both - t_full, 5)}  # fmt: skip
@@ -221,7 +226,8 @@ def sec_bandwidth(ctx, budget: Budget) -> dict:
         "read+write rate; do_bench median, L2 flushed before each call; 'top20 alone' is not a "
         "kernel mode (top-k needs the full pass's log-sum-exp): its cost is top20_extra_ms = "
         "t_full_top20 - t_full; nsplit = vocabulary splits per row chosen for the device "
-        "(1: one program per row); t_full_top20_nosplit_ms = the same call forced to split=1",
+        "(1: one program per row); t_full_top20_nosplit_ms = the same call forced to split=1; "
+        "t_full_top20_by_split_ms: split -> time (goal range: also nsplit/2 and 2 nsplit)",
         "large_copy_rw_GBps": big, "rows": rows, "skipped": skipped,
         "goal": f"frac_copy >= {GOAL_FRAC} (full+top20) at batch >= 64, vocab >= 128k",
         "worst_goal_frac": worst,
@@ -749,7 +755,7 @@ def sec_trajectory(ctx, budget: Budget) -> dict:
 
 SECTIONS = [  # name, function, budget seconds on the GPU (dry run: same caps)
     ("tests", sec_tests, 110),
-    ("bandwidth", sec_bandwidth, 70),
+    ("bandwidth", sec_bandwidth, 80),
     ("syncs", sec_syncs, 40),
     ("decode", sec_decode, 170),
     ("trajectory", sec_trajectory, 40),

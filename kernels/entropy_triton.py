@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["choose_split", "entropy_triton", "launch_config", "sm_count"]
+__all__ = ["choose_split", "entropy_triton", "launch_config", "sm_count", "topk_subtile"]
 
 _KERNELS = None
 #: SM count assumed off CUDA (interpreter), so CPU tests exercise the split path.
@@ -93,8 +93,16 @@ def choose_split(rows: int, vocab: int, block: int, sms: int) -> int:
     return nsplit
 
 
+def topk_subtile(block: int, sub: int | None = None) -> int:
+    """Sub-tile width of the top-k insertions: ``block // 16`` (at least 16) by default;
+    ``sub=0`` (or a width >= ``block``) selects one-by-one insertion over the whole block."""
+    if sub is None:
+        sub = max(block // 16, 16)
+    return block if sub == 0 else min(_next_pow2(sub), block)
+
+
 def entropy_triton(logits: torch.Tensor, ks: Sequence[int] = (20,), block_size: int | None = None,
-                   split: int | None = None):  # fmt: skip
+                   split: int | None = None, topk_sub: int | None = None):  # fmt: skip
     """Full, top-k and renormalised top-k entropy per row with the Triton kernels.
 
     Parameters
@@ -108,6 +116,8 @@ def entropy_triton(logits: torch.Tensor, ks: Sequence[int] = (20,), block_size: 
     split : int, optional
         Vocabulary splits per row (rounded up to a power of two; 1 = the
         single-kernel path); default :func:`choose_split` for the device.
+    topk_sub : int, optional
+        Sub-tile width of the top-k insertions (see :func:`topk_subtile`).
 
     Returns
     -------
@@ -136,12 +146,13 @@ def entropy_triton(logits: torch.Tensor, ks: Sequence[int] = (20,), block_size: 
     ns = choose_split(b, v, block, sm_count(dev)) if split is None else _next_pow2(max(split, 1))
     kp = max(_next_pow2(kmax), 2)
     shape = {"NK": max(nk, 1), "NKP": max(_next_pow2(nk), 2), "KP": kp, "DO_TOPK": nk > 0}
+    sub = topk_subtile(block, topk_sub)
     if b == 0:
         return full, topk[:, :nk], renorm[:, :nk]
     if ns == 1:
         fused[(b,)](
             full, topk, renorm, topk.stride(0), logits, logits.stride(0), logits.stride(1),
-            ks_t, v, kmax, BLOCK_SIZE=block, num_warps=warps, **shape,
+            ks_t, v, kmax, BLOCK_SIZE=block, SUB=sub, num_warps=warps, **shape,
         )  # fmt: skip
     else:
         span = _cdiv(_cdiv(v, block), ns) * block  # whole blocks per split
@@ -149,7 +160,7 @@ def entropy_triton(logits: torch.Tensor, ks: Sequence[int] = (20,), block_size: 
         cand = torch.empty((b, ns, kp if nk else 1), dtype=torch.float32, device=dev)
         partial[(b, ns)](
             stats, cand, logits, logits.stride(0), logits.stride(1), v, span, kmax, NS=ns,
-            KP=kp, DO_TOPK=nk > 0, BLOCK_SIZE=block, num_warps=warps,
+            KP=kp, DO_TOPK=nk > 0, BLOCK_SIZE=block, SUB=sub, num_warps=warps,
         )  # fmt: skip
         combine[(b,)](full, topk, renorm, topk.stride(0), stats, cand, ks_t, NS=ns,
                       num_warps=4, **shape)  # fmt: skip
