@@ -176,7 +176,7 @@ def sec_bandwidth(ctx, budget: Budget) -> dict:
         dtypes, batches, vocabs, backend = ["float32", "bfloat16"], [1, 4], [1000], "triton"
     else:
         dtypes, batches, vocabs = ["float32", "bfloat16", "float16"], [1, 64, 256, 1024], [
-            32000, 131072, 151936, 262144]
+            131072, 151936, 262144]  # the goal range (vocab >= 128k); 32000 dropped for time
         backend = "triton"
     rows, skipped = [], []
     big = None
@@ -760,8 +760,8 @@ def sec_trajectory(ctx, budget: Budget) -> dict:
 # ----------------------------------------------------------------------------- main
 
 SECTIONS = [  # name, function, budget seconds on the GPU (dry run: same caps)
-    ("tests", sec_tests, 130),  # more Triton compiles since the split path
-    ("bandwidth", sec_bandwidth, 95),
+    ("tests", sec_tests, 145),  # more Triton compiles since the split path
+    ("bandwidth", sec_bandwidth, 80),
     ("syncs", sec_syncs, 35),
     ("decode", sec_decode, 155),
     ("trajectory", sec_trajectory, 40),

@@ -15,9 +15,10 @@ import triton.language as tl
 # Top-k: a register buffer of the KP largest values seen (KP >= kmax, padded
 # with +inf beyond kmax so the padding is never the minimum); a block whose
 # max exceeds the buffer minimum inserts its values one by one (largest
-# first, replacing the minimum; min and argmin in one reduction). Ties at the
-# threshold are not inserted: a tied value has the same p, so the entropy is
-# unchanged.
+# first, replacing the minimum; min and argmin in one reduction), either by
+# re-reducing the whole block per insertion (SUB == BLOCK_SIZE) or per sub-tile
+# of SUB values (_insert_subtiles, the default). Ties at the threshold are not
+# inserted: a tied value has the same p, so the entropy is unchanged.
 @triton.jit
 def _argmax_first(v1, i1, v2, i2):
     """Combine for (value, index) pairs: the larger value, on a tie the smaller index."""
