@@ -169,14 +169,13 @@ def sec_bandwidth(ctx, budget: Budget) -> dict:
     import torch
 
     from sentinel_vllm.kernels import entropy_step
-    from sentinel_vllm.kernels.entropy_triton import choose_split, launch_config, sm_count
 
     dev = ctx.dev
     if ctx.dry:
         dtypes, batches, vocabs, backend = ["float32", "bfloat16"], [1, 4], [1000], "triton"
     else:
         dtypes, batches, vocabs = ["float32", "bfloat16", "float16"], [1, 64, 256, 1024], [
-            131072, 151936, 262144]  # the goal range (vocab >= 128k); 32000 dropped for time
+            32000, 131072, 151936, 262144]
         backend = "triton"
     rows, skipped = [], []
     big = None
@@ -198,20 +197,7 @@ def sec_bandwidth(ctx, budget: Budget) -> dict:
                 t_copy = timer(dev, lambda x=x, dst=dst: dst.copy_(x), ctx.dry)
                 t_both = timer(dev, lambda x=x: entropy_step(x, (20,), backend=backend), ctx.dry)
                 t_full = timer(dev, lambda x=x: entropy_step(x, (), backend=backend), ctx.dry)
-                ns = choose_split(bsz, v, launch_config(v)[0], sm_count(dev))
-                by_split = {ns: t_both}
-                goal_case = bsz >= 64 and v >= 131072
-                alts = (1, ns // 2, 2 * ns) if goal_case else (1,)
-                for alt in sorted({a for a in alts if a >= 1} - {ns}):  # tuning data
-                    by_split[alt] = timer(dev, lambda x=x, a=alt: entropy_step(
-                        x, (20,), backend=backend, split=a), ctx.dry)
-                t_one = by_split[1]
-                t_whole = timer(dev, lambda x=x: entropy_step(  # previous top-k scheme
-                    x, (20,), backend=backend, topk_sub=0), ctx.dry) if goal_case else None
-                r = {"dtype": dt, "batch": bsz, "vocab": v, "bytes": nbytes, "nsplit": ns,
-                     "t_full_top20_nosplit_ms": round(t_one, 5),
-                     "t_full_top20_by_split_ms": {a: round(t, 5) for a, t in by_split.items()},
-                     "t_full_top20_wholeblock_ms": t_whole and round(t_whole, 5),
+                r = {"dtype": dt, "batch": bsz, "vocab": v, "bytes": nbytes,
                      "t_copy_ms": round(t_copy, 5), "t_full_top20_ms": round(t_both, 5),
                      "t_full_ms": round(t_full, 5),
                      "top20_extra_ms": round(t_both - t_full, 5)}  # fmt: skip
@@ -229,11 +215,7 @@ def sec_bandwidth(ctx, budget: Budget) -> dict:
         "t_copy); dst.copy_(logits) moves 2x the logits bytes, so copy_read_GBps is half its "
         "read+write rate; do_bench median, L2 flushed before each call; 'top20 alone' is not a "
         "kernel mode (top-k needs the full pass's log-sum-exp): its cost is top20_extra_ms = "
-        "t_full_top20 - t_full; nsplit = vocabulary splits per row chosen for the device "
-        "(1: one program per row); t_full_top20_nosplit_ms = the same call forced to split=1; "
-        "t_full_top20_by_split_ms: split -> time (goal range: also nsplit/2 and 2 nsplit); "
-        "t_full_top20_wholeblock_ms (goal range): top-k insertions over the whole block "
-        "(topk_sub=0, the scheme before sub-tiles) instead of per sub-tile",
+        "t_full_top20 - t_full",
         "large_copy_rw_GBps": big, "rows": rows, "skipped": skipped,
         "goal": f"frac_copy >= {GOAL_FRAC} (full+top20) at batch >= 64, vocab >= 128k",
         "worst_goal_frac": worst,
@@ -659,10 +641,8 @@ def sec_decode(ctx, budget: Budget) -> dict:
         return t, proc
 
     t_w0 = time.perf_counter()
-    # warm-up: one full-length untimed run of each kind (allocator, cuBLAS, attention kernels
-    # of every length, kernel JIT); 8-token warm-ups left the first timed run still warming
-    _generate(ctx, model, ids, new)
-    with_sentinel(new)
+    _generate(ctx, model, ids, 8)  # warm-up both paths (allocator, cuBLAS, kernel JIT)
+    with_sentinel(8)
     warm_s = time.perf_counter() - t_w0
     t1, _ = _generate(ctx, model, ids, new)
     rounds_fit = int((budget.left() - 5 - 1.1 * t1) // (4 * t1 * 1.05))  # + the events run
@@ -700,8 +680,8 @@ def sec_decode(ctx, budget: Budget) -> dict:
         "sentinel_host_ms_per_step": round(1e3 * host_s / max(calls, 1), 4),
         "sentinel_step_alone_ms": round(step_alone, 4),
         "definitions": "throughput_ratio = mean t_without / mean t_with (same tokens per run); "
-        "runs ordered ABBA after one untimed full-length generate of each kind; "
-        "step_ms_with = t_with / new_tokens; sentinel_device_ms_per_step = CUDA-event span around the processor call, "
+        "runs ordered ABBA after one warm-up generate of each kind; step_ms_with = t_with / "
+        "new_tokens; sentinel_device_ms_per_step = CUDA-event span around the processor call, "
         "from one extra with-run not in the ratio (includes GPU idle time while the host "
         "launches its ops); sentinel_host_ms_per_step = host time of the call (ratio runs); "
         "sentinel_step_alone_ms = the same call timed alone (do_bench, "
@@ -760,10 +740,10 @@ def sec_trajectory(ctx, budget: Budget) -> dict:
 # ----------------------------------------------------------------------------- main
 
 SECTIONS = [  # name, function, budget seconds on the GPU (dry run: same caps)
-    ("tests", sec_tests, 145),  # more Triton compiles since the split path
-    ("bandwidth", sec_bandwidth, 80),
-    ("syncs", sec_syncs, 35),
-    ("decode", sec_decode, 155),
+    ("tests", sec_tests, 110),
+    ("bandwidth", sec_bandwidth, 60),
+    ("syncs", sec_syncs, 40),
+    ("decode", sec_decode, 170),
     ("trajectory", sec_trajectory, 40),
 ]
 
@@ -783,12 +763,10 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
     b = results.get("bandwidth", {})
     out.append(("2 bandwidth", "large copy r+w GB/s", str(b.get("large_copy_rw_GBps")), ""))
     for r in b.get("rows", []):
-        item = f"{r['dtype']:>8} b={r['batch']:<4} v={r['vocab']:<6} nsplit={r.get('nsplit')}"
+        item = f"{r['dtype']:>8} b={r['batch']:<4} v={r['vocab']:<6}"
         val = (f"copy {r['t_copy_ms']:.4f} ms | full+top20 {r['t_full_top20_ms']:.4f} ms "
                f"{r['kernel_GBps']:.0f} GB/s frac {r['frac_copy']:.3f} | full {r['t_full_ms']:.4f}"
-               f" ms frac {r['full_only_frac_copy']:.3f} | +top20 {r['top20_extra_ms']:.4f} ms"
-               f" | split=1 full+top20 {r.get('t_full_top20_nosplit_ms', float('nan')):.4f} ms"
-               f" | whole-block top-k {r.get('t_full_top20_wholeblock_ms')}")
+               f" ms frac {r['full_only_frac_copy']:.3f} | +top20 {r['top20_extra_ms']:.4f} ms")
         goal = r["batch"] >= 64 and r["vocab"] >= 131072
         out.append(("2 bandwidth", item, val, ("ok" if r["frac_copy"] >= GOAL_FRAC else "LOW")
                     if goal else ""))  # fmt: skip

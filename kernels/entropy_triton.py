@@ -1,15 +1,10 @@
-"""Triton kernels: full-vocabulary and top-k entropy of each logits row in one read.
+"""Triton kernel: full-vocabulary and top-k entropy of each logits row in one read.
 
-The vocabulary is streamed in ``BLOCK_SIZE`` chunks. With one split per row
-(many rows) one program per row reduces and writes the outputs. With few rows
-the row is cut into ``nsplit`` contiguous ranges: a ``(rows, nsplit)`` grid
-writes per-range partials (max, S, T, bad flag, top-k values) to a small
-scratch buffer and a second kernel, one program per row, combines them with
-the same rescaling as the online formula and merges the candidates. The math
-follows :mod:`sentinel_vllm.entropy` (docs/method.md "Per-step entropy";
+One program per row; the vocabulary is streamed in ``BLOCK_SIZE`` chunks. The
+math follows :mod:`sentinel_vllm.entropy` (docs/method.md "Per-step entropy";
 arXiv 2601.09001 Sec. 3.1). Triton is imported lazily by :func:`entropy_triton`
 so that importing :mod:`sentinel_vllm.kernels` works without it; on CPU the
-kernels run under ``TRITON_INTERPRET=1`` (set before triton is first imported).
+kernel runs under ``TRITON_INTERPRET=1`` (set before triton is first imported).
 """
 
 from __future__ import annotations
@@ -18,24 +13,109 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["choose_split", "entropy_triton", "launch_config", "sm_count", "topk_subtile"]
+__all__ = ["entropy_triton", "launch_config"]
 
-_KERNELS = None
-#: SM count assumed off CUDA (interpreter), so CPU tests exercise the split path.
-CPU_SMS = 8
-#: Fewest vocabulary blocks per split.
-MIN_BLOCKS_PER_SPLIT = 4
-MAX_SPLIT = 16
+_KERNEL = None
 
 
-def _build_kernels():
-    from ._entropy_jit import _combine_kernel, _entropy_kernel, _partial_kernel
+def _build_kernel():
+    import triton
+    import triton.language as tl
 
-    return _entropy_kernel, _partial_kernel, _combine_kernel
+    # Online reduction over blocks, per row (fp32):
+    #   m_new = max(m, max(x_b)),  a = e^(m - m_new)
+    #   S <- a S + sum e^(x - m_new)
+    #   T <- a (T + (m - m_new) S) + sum e^(x - m_new) (x - m_new)   [T = sum e^z z]
+    #   H = log S - T / S ;  lse = m + log S.   x = -inf contributes 0 (guarded).
+    # Top-k: a register buffer of the KP largest values seen (KP >= kmax, padded
+    # with +inf beyond kmax so the padding is never the minimum); a block whose
+    # max exceeds the buffer minimum inserts its values one by one (largest
+    # first, replacing the minimum). Ties at the threshold are not inserted:
+    # a tied value has the same p, so the entropy is unchanged.
+    @triton.jit
+    def _entropy_kernel(
+        full_ptr,
+        topk_ptr,
+        renorm_ptr,
+        stride_out,
+        x_ptr,
+        stride_xr,
+        stride_xc,
+        ks_ptr,
+        V,
+        KMAX,
+        NK: tl.constexpr,
+        NKP: tl.constexpr,
+        KP: tl.constexpr,
+        DO_TOPK: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_xr
+        offs = tl.arange(0, BLOCK_SIZE)
+        kidx = tl.arange(0, KP)
+        neg_inf = float("-inf")
+        m = tl.full((), neg_inf, tl.float32)
+        s = tl.zeros((), tl.float32)
+        t = tl.zeros((), tl.float32)
+        bad = tl.zeros((), tl.int32)
+        buf = tl.where(kidx < KMAX, neg_inf, float("inf")).to(tl.float32)
+        thr = tl.min(buf, 0)
+        for start in range(0, V, BLOCK_SIZE):
+            cols = start + offs
+            inb = cols < V
+            x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=inb, other=neg_inf)
+            x = x.to(tl.float32)
+            isbad = (x != x) | (x == float("inf"))
+            bad = bad | tl.max(isbad.to(tl.int32), 0)
+            x = tl.where(isbad, neg_inf, x)
+            bmax, bi = tl.max(x, 0, return_indices=True)
+            m_new = tl.maximum(m, bmax)
+            a = tl.where(m_new == neg_inf, 1.0, tl.exp(m - m_new))
+            d = tl.where(m == neg_inf, 0.0, m - m_new)
+            z = x - m_new
+            e = tl.where(x == neg_inf, 0.0, tl.exp(z))
+            ez = tl.where(e > 0, e * z, 0.0)
+            t = a * (t + d * s) + tl.sum(ez, 0)
+            s = a * s + tl.sum(e, 0)
+            m = m_new
+            if DO_TOPK:
+                # Expected insertions per row ~ k (1 + ln(V / k)) for any value distribution
+                # in random order; each costs one block reduction.
+                while bmax > thr:
+                    x = tl.where(offs == bi, neg_inf, x)
+                    j = tl.argmin(buf, 0)
+                    buf = tl.where(kidx == j, bmax, buf)
+                    thr = tl.min(buf, 0)
+                    bmax, bi = tl.max(x, 0, return_indices=True)
+        invalid = (bad != 0) | (m == neg_inf)
+        log_s = tl.log(s)
+        h = tl.maximum(log_s - t / s, 0.0)
+        h = tl.where(invalid, float("nan"), h)
+        tl.store(full_ptr + row, h)
+        if DO_TOPK:
+            lse = m + log_s
+            vals = tl.where(kidx < KMAX, buf, neg_inf)
+            vals = tl.sort(vals, 0, descending=True)
+            logp = vals - lse
+            p = tl.exp(logp)
+            c = tl.where(p > 0, -p * logp, 0.0)
+            zz = vals - m
+            ee = tl.where(vals == neg_inf, 0.0, tl.exp(zz))
+            ff = tl.where(ee > 0, ee * zz, 0.0)
+            jk = tl.arange(0, NKP)
+            ks = tl.load(ks_ptr + jk, mask=jk < NK, other=0)
+            sel = kidx[None, :] < ks[:, None]
+            hk = tl.maximum(tl.sum(tl.where(sel, c[None, :], 0.0), 1), 0.0)
+            ek = tl.sum(tl.where(sel, ee[None, :], 0.0), 1)
+            fk = tl.sum(tl.where(sel, ff[None, :], 0.0), 1)
+            hr = tl.maximum(tl.log(ek) - fk / ek, 0.0)
+            hk = tl.where(invalid, float("nan"), hk)
+            hr = tl.where(invalid, float("nan"), hr)
+            tl.store(topk_ptr + row * stride_out + jk, hk, mask=jk < NK)
+            tl.store(renorm_ptr + row * stride_out + jk, hr, mask=jk < NK)
 
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    return _entropy_kernel
 
 
 def _next_pow2(n: int) -> int:
@@ -43,7 +123,6 @@ def _next_pow2(n: int) -> int:
 
 
 _KS_CACHE: dict = {}
-_SMS: dict = {}
 
 
 def _ks_tensor(ks: tuple, dev: torch.device) -> torch.Tensor:
@@ -52,16 +131,6 @@ def _ks_tensor(ks: tuple, dev: torch.device) -> torch.Tensor:
     if key not in _KS_CACHE:
         _KS_CACHE[key] = torch.tensor(ks, dtype=torch.int32, device=dev)
     return _KS_CACHE[key]
-
-
-def sm_count(dev: torch.device) -> int:
-    """Streaming multiprocessors of ``dev`` (queried once); :data:`CPU_SMS` off CUDA."""
-    if dev.type != "cuda":
-        return CPU_SMS
-    key = str(dev)
-    if key not in _SMS:
-        _SMS[key] = torch.cuda.get_device_properties(dev).multi_processor_count
-    return _SMS[key]
 
 
 def launch_config(vocab: int, block_size: int | None = None) -> tuple[int, int]:
@@ -81,29 +150,8 @@ def launch_config(vocab: int, block_size: int | None = None) -> tuple[int, int]:
     return block_size, num_warps
 
 
-def choose_split(rows: int, vocab: int, block: int, sms: int) -> int:
-    """Vocabulary splits per row: a power of two, doubled while ``rows * nsplit`` is
-    below twice ``sms``, the result stays at most four times ``sms`` and each split
-    keeps at least :data:`MIN_BLOCKS_PER_SPLIT` blocks (at most :data:`MAX_SPLIT`)."""
-    nblocks = _cdiv(vocab, block)
-    nsplit = 1
-    while (rows * nsplit < 2 * sms and rows * nsplit * 2 <= 4 * sms and nsplit < MAX_SPLIT
-           and nblocks >= 2 * nsplit * MIN_BLOCKS_PER_SPLIT):  # fmt: skip
-        nsplit *= 2
-    return nsplit
-
-
-def topk_subtile(block: int, sub: int | None = None) -> int:
-    """Sub-tile width of the top-k insertions: ``block // 16`` (at least 16) by default;
-    ``sub=0`` (or a width >= ``block``) selects one-by-one insertion over the whole block."""
-    if sub is None:
-        sub = max(block // 16, 16)
-    return block if sub == 0 else min(_next_pow2(sub), block)
-
-
-def entropy_triton(logits: torch.Tensor, ks: Sequence[int] = (20,), block_size: int | None = None,
-                   split: int | None = None, topk_sub: int | None = None):  # fmt: skip
-    """Full, top-k and renormalised top-k entropy per row with the Triton kernels.
+def entropy_triton(logits: torch.Tensor, ks: Sequence[int] = (20,), block_size: int | None = None):
+    """Full, top-k and renormalised top-k entropy per row with the Triton kernel.
 
     Parameters
     ----------
@@ -113,11 +161,6 @@ def entropy_triton(logits: torch.Tensor, ks: Sequence[int] = (20,), block_size: 
         Sorted ascending, each in ``1..64``, already clamped to ``vocab``; may be empty.
     block_size : int, optional
         Vocabulary chunk per loop iteration (see :func:`launch_config`).
-    split : int, optional
-        Vocabulary splits per row (rounded up to a power of two; 1 = the
-        single-kernel path); default :func:`choose_split` for the device.
-    topk_sub : int, optional
-        Sub-tile width of the top-k insertions (see :func:`topk_subtile`).
 
     Returns
     -------
@@ -130,10 +173,9 @@ def entropy_triton(logits: torch.Tensor, ks: Sequence[int] = (20,), block_size: 
     ImportError
         If triton is not installed.
     """
-    global _KERNELS
-    if _KERNELS is None:
-        _KERNELS = _build_kernels()
-    fused, partial, combine = _KERNELS
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = _build_kernel()
     b, v = logits.shape
     dev = logits.device
     nk = len(ks)
@@ -143,25 +185,12 @@ def entropy_triton(logits: torch.Tensor, ks: Sequence[int] = (20,), block_size: 
     ks_t = _ks_tensor(tuple(ks) or (1,), dev)
     kmax = max(ks) if nk else 1
     block, warps = launch_config(v, block_size)
-    ns = choose_split(b, v, block, sm_count(dev)) if split is None else _next_pow2(max(split, 1))
-    kp = max(_next_pow2(kmax), 2)
-    shape = {"NK": max(nk, 1), "NKP": max(_next_pow2(nk), 2), "KP": kp, "DO_TOPK": nk > 0}
-    sub = topk_subtile(block, topk_sub)
-    if b == 0:
-        return full, topk[:, :nk], renorm[:, :nk]
-    if ns == 1:
-        fused[(b,)](
-            full, topk, renorm, topk.stride(0), logits, logits.stride(0), logits.stride(1),
-            ks_t, v, kmax, BLOCK_SIZE=block, SUB=sub, num_warps=warps, **shape,
+    if b > 0:
+        _KERNEL[(b,)](
+            full, topk, renorm, topk.stride(0),
+            logits, logits.stride(0), logits.stride(1),
+            ks_t, v, kmax,
+            NK=max(nk, 1), NKP=max(_next_pow2(nk), 2), KP=max(_next_pow2(kmax), 2),
+            DO_TOPK=nk > 0, BLOCK_SIZE=block, num_warps=warps,
         )  # fmt: skip
-    else:
-        span = _cdiv(_cdiv(v, block), ns) * block  # whole blocks per split
-        stats = torch.empty((b, ns, 4), dtype=torch.float32, device=dev)
-        cand = torch.empty((b, ns, kp if nk else 1), dtype=torch.float32, device=dev)
-        partial[(b, ns)](
-            stats, cand, logits, logits.stride(0), logits.stride(1), v, span, kmax, NS=ns,
-            KP=kp, DO_TOPK=nk > 0, BLOCK_SIZE=block, SUB=sub, num_warps=warps,
-        )  # fmt: skip
-        combine[(b,)](full, topk, renorm, topk.stride(0), stats, cand, ks_t, NS=ns,
-                      num_warps=4, **shape)  # fmt: skip
     return full, topk[:, :nk], renorm[:, :nk]

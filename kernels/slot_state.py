@@ -228,12 +228,14 @@ class SlotState:
     def _values(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Entropies of ``logits[rows]`` as ``(n, n_series)`` float32."""
         n, b = rows.shape[0], logits.shape[0]
-        every = 2 * n >= b  # cheaper to compute all rows than to copy the selected ones
-        x = logits if every else logits.index_select(0, rows)
-        full, topk, renorm = entropy_step(x, self.ks, backend=self.backend)
+        if 2 * n >= b:  # cheaper to compute all rows than to copy the selected ones
+            full, topk, renorm = entropy_step(logits, self.ks, backend=self.backend)
+            full, topk, renorm = full[rows], topk[rows], renorm[rows]
+        else:
+            full, topk, renorm = entropy_step(logits.index_select(0, rows), self.ks,
+                                              backend=self.backend)  # fmt: skip
         src = {"full": full[:, None], "topk": topk, "renorm": renorm}
-        vals = torch.cat([src[kind][:, j : j + 1] for kind, j in self._cols], 1)
-        return vals.index_select(0, rows) if every else vals  # one gather, not one per output
+        return torch.cat([src[kind][:, j : j + 1] for kind, j in self._cols], 1)
 
     def record(self, logits: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
                positions: torch.Tensor | None = None) -> None:  # fmt: skip
@@ -271,12 +273,11 @@ class SlotState:
             self.nan_count.index_add_(0, slots, (~valid).long())
         else:
             pos = positions.reshape(-1).to(self.buf.device, torch.long)
-            vals = torch.where(valid[:, None], vals, float("nan"))
+            write = (pos >= 0) & (pos < self.max_steps)
+            vals = torch.where(valid[:, None], vals, torch.full_like(vals, float("nan")))
             new_count = torch.where(pos >= 0, pos + 1, self.count.index_select(0, slots))
             self.count.index_copy_(0, slots, new_count)
         pos_c = pos.clamp(0, self.max_steps - 1)
-        if positions is not None:
-            write = pos_c == pos  # 0 <= pos < max_steps
         n_ser = len(self.series)
         idx = (slots[:, None], self._ser[None, :], pos_c[:, None].expand(-1, n_ser))
         old = self.buf[idx]

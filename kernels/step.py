@@ -56,8 +56,7 @@ def normalize_ks(ks: Sequence[int], vocab: int) -> tuple[int, ...]:
 
 
 def entropy_step(logits: torch.Tensor, ks: Sequence[int] = (20,), backend: str = "auto",
-                 block_size: int | None = None, split: int | None = None,
-                 topk_sub: int | None = None):  # fmt: skip
+                 block_size: int | None = None):  # fmt: skip
     """Full-vocabulary, top-k and renormalised top-k entropy of each logits row.
 
     One decode step's worth of work, enqueued only (no host synchronisation).
@@ -77,13 +76,6 @@ def entropy_step(logits: torch.Tensor, ks: Sequence[int] = (20,), backend: str =
     block_size : int, optional
         Triton vocabulary block (tests force the multi-block path); for the
         torch path, the chunk length of the top-k pruning.
-    split : int, optional
-        Triton only: vocabulary splits per row (1 = one program per row); default
-        chosen from the batch and the device's SM count
-        (:func:`~sentinel_vllm.kernels.entropy_triton.choose_split`).
-    topk_sub : int, optional
-        Triton only: sub-tile width of the top-k insertions, 0 = whole block
-        (:func:`~sentinel_vllm.kernels.entropy_triton.topk_subtile`).
 
     Returns
     -------
@@ -116,7 +108,7 @@ def entropy_step(logits: torch.Tensor, ks: Sequence[int] = (20,), backend: str =
     if backend == "triton":
         from .entropy_triton import entropy_triton
 
-        return entropy_triton(logits, ks, block_size=block_size, split=split, topk_sub=topk_sub)
+        return entropy_triton(logits, ks, block_size=block_size)
     if backend == "torch":
         from .entropy_torch import CHUNK, entropy_torch
 
