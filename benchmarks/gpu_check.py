@@ -682,7 +682,8 @@ def sec_decode(ctx, budget: Budget) -> dict:
         "sentinel_host_ms_per_step": round(1e3 * host_s / max(calls, 1), 4),
         "sentinel_step_alone_ms": round(step_alone, 4),
         "definitions": "throughput_ratio = mean t_without / mean t_with (same tokens per run); "
-        "runs ordered ABBA after one untimed full-length generate of each kind; step_ms_with = t_with / "
+        "runs ordered ABBA after one untimed full-length generate of each kind; "
+        "step_ms_with = t_with / "
         "new_tokens; sentinel_device_ms_per_step = CUDA-event span around the processor call, "
         "from one extra with-run not in the ratio (includes GPU idle time while the host "
         "launches its ops); sentinel_host_ms_per_step = host time of the call (ratio runs); "
