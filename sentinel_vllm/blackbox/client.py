@@ -263,6 +263,12 @@ class TopLogprobsScorer:
         """:meth:`score` for already extracted choices (one onnxruntime call for all)."""
         out, trajs = {}, {}
         for i, c in choices.items():
+            if c.overflow:
+                out[i] = self._error(
+                    f"choice {i}: more than {c.overflow} generated tokens, the most whose "
+                    "alternatives are kept (max_steps; the proxy's --max-steps): not scored",
+                    "unsupported", slice_label)
+                continue
             try:
                 trajs[i] = trajectory(
                     c, self.k, short_steps=self.short_steps, renormalize=self.renormalize
