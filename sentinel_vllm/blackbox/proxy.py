@@ -327,7 +327,8 @@ class Proxy:
         import anyio
         import httpx
 
-        url = httpx.URL(self.base + request.url.path, query=request.url.query.encode())
+        query = request.url.query
+        url = httpx.URL(self.base + request.url.path + ("?" + query if query else ""))
         content = body
         if body is None and ("content-length" in request.headers
                              or "transfer-encoding" in request.headers):
