@@ -163,7 +163,7 @@ def test_dripping_json_body_and_endless_relay_end_at_the_deadline(proxy):
 
 
 def test_event_without_end_is_bounded(proxy):
-    url, reg = proxy
+    url, _ = proxy
     t0 = time.monotonic()
     with httpx.stream("POST", url + CHAT, json=_chat("noend", stream=True), timeout=30) as r:
         text = r.read().decode()
