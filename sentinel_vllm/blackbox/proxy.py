@@ -12,7 +12,7 @@ For ``POST /v1/chat/completions`` and ``/v1/completions`` it
    included; ``--api-key-env VAR`` adds ``Bearer $VAR`` only when the client sent
    no ``Authorization``);
 3. on a 200 answer, scores each choice from its ``top_logprobs``
-   (:class:`~sentinel_vllm.blackbox.client.TopLogprobsScorer`, in a worker thread)
+   (:class:`~sentinel_vllm.blackbox.client.TopLogprobsScorer`, on the event loop)
    and adds the ``sentinel`` block exactly where the in-engine server puts it
    (top level for ``n = 1``, per choice otherwise); streams are forwarded chunk by
    chunk as they arrive and the block rides on the chunk that carries each
@@ -407,7 +407,6 @@ class Proxy:
 
     async def _json_answer(self, resp, ask: LogprobsAsk, label: str, headers: dict,
                            deadline: float):
-        import anyio
         import httpx
         from starlette.responses import Response
 
@@ -423,7 +422,9 @@ class Proxy:
             return _error(*upstream_error(exc))
         finally:
             await resp.aclose()
-        out = await anyio.to_thread.run_sync(self._json_body, data, ask, label)
+        # parse and score on the event loop: a thread would add its hand-offs and gain
+        # nothing (the GIL), and the work is a few milliseconds
+        out = self._json_body(data, ask, label)
         if out is None:  # not an OpenAI answer: returned as it came, counted as a failure
             log.warning("upstream answered 200 with a body that is not an OpenAI completion "
                         "(content-type %r): returned without a sentinel block",
@@ -502,10 +503,10 @@ class Proxy:
             async for data in self._reads(resp, deadline, raw=False):
                 events = st.split.feed(data)
                 if events:
-                    yield b"".join([await self._event(ev, st) for ev in events])
+                    yield b"".join([self._event(ev, st) for ev in events])
             rest = st.split.rest()
             if rest.strip():
-                yield await self._event(rest, st)
+                yield self._event(rest, st)
         except httpx.HTTPError as exc:
             yield sse_error(*upstream_error(exc))
         except DeadlineExceeded as exc:
@@ -519,14 +520,14 @@ class Proxy:
         finally:
             await resp.aclose()
 
-    async def _event(self, event: bytes, st: _Stream) -> bytes:
+    def _event(self, event: bytes, st: _Stream) -> bytes:
         """One event for the client: as it came unless logprobs were cut or a block added."""
         try:
             obj, finished = self._fold_event(event, st)
             if obj is None:
                 return event + b"\n\n"
             if finished:
-                await self._attach_stream_blocks(obj, finished, st)
+                self._attach_stream_blocks(obj, finished, st)
             if event.startswith(b"data:") and b"\n" not in event and b"\r" not in event:
                 return b"data: " + dumps(obj) + b"\n\n"
             other = [ln for ln in event.splitlines() if not ln.startswith(b"data:")]
@@ -562,11 +563,9 @@ class Proxy:
                 finished[int(c.get("index", pos) or 0)] = c
         return (obj if changed or finished else None), finished
 
-    async def _attach_stream_blocks(self, obj: dict, finished: dict, st: _Stream) -> None:
-        import anyio
-
+    def _attach_stream_blocks(self, obj: dict, finished: dict, st: _Stream) -> None:
         done = {i: st.acc.pop(i) for i in finished if i in st.acc}
-        scored = await anyio.to_thread.run_sync(self.scorer.score_choices, done, st.label)
+        scored = self.scorer.score_choices(done, st.label)
         self._record(scored, st.label)
         for i, c in finished.items():
             block = scored[i].block if i in scored else _NO_RESULT
