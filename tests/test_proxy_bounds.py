@@ -225,13 +225,14 @@ def test_event_splitter():
     # the same cut as the in-engine splitter, read by read
     from sentinel_vllm.serving.api.response import _find_event_end
 
-    body = b"data: 1\r\n\r\ndata: 2\n\nevent: x\ndata: 3\r\rdata: 4\n\n"
-    want, buf = [], body
-    while (cut := _find_event_end(buf))[0] >= 0:
-        want.append(buf[: cut[0]])
-        buf = buf[cut[0] + cut[1]:]
-    for step in (1, 2, 3, 5, len(body)):
-        sp, got = EventSplitter(1 << 10), []
-        for i in range(0, len(body), step):
-            got += sp.feed(body[i : i + step])
-        assert got == want, step
+    for body in (b"data: 1\r\n\r\ndata: 2\n\nevent: x\ndata: 3\r\rdata: 4\n\n",
+                 b"data: 1\n\ndata: 2\n\n\n\nevent: x\ndata: 3\n\ndata: 4\n\ntail"):
+        want, buf = [], body
+        while (cut := _find_event_end(buf))[0] >= 0:
+            want.append(buf[: cut[0]])
+            buf = buf[cut[0] + cut[1]:]
+        for step in (1, 2, 3, 5, 9, len(body)):
+            sp, got = EventSplitter(1 << 10), []
+            for i in range(0, len(body), step):
+                got += sp.feed(body[i : i + step])
+            assert got == want and sp.rest() == buf, step

@@ -170,6 +170,13 @@ class DeadlineExceeded(Exception):
     """The request's ``deadline_s`` passed while the upstream was still answering."""
 
 
+def _is_upstream(resp) -> bool:
+    """An upstream answer (httpx), not one of the proxy's own error answers."""
+    import httpx
+
+    return isinstance(resp, httpx.Response)
+
+
 class _Stream:
     """What one streamed answer carries between its events."""
 
@@ -275,7 +282,7 @@ class Proxy:
         """Any other path: forwarded untouched, the answer relayed as it comes."""
         deadline = time.monotonic() + self.config.deadline_s
         resp = await self._open(request, None, False, deadline)
-        return resp if not hasattr(resp, "aiter_raw") else self._relayed(resp, deadline)
+        return self._relayed(resp, deadline) if _is_upstream(resp) else resp
 
     async def tracked(self, request):
         """Chat and completions: ask the alternatives, score, strip, attach the block."""
@@ -292,7 +299,7 @@ class Proxy:
             if enabled or body is not sent:  # else the client's bytes go as they are
                 raw = dumps(body)
         resp = await self._open(request, raw, enabled, deadline)
-        if not hasattr(resp, "aiter_raw"):  # our own error answer
+        if not _is_upstream(resp):  # our own error answer
             return resp
         if not enabled or resp.status_code != 200:
             return self._relayed(resp, deadline)
@@ -367,6 +374,8 @@ class Proxy:
         cancel scope per chunk); after, each read is bounded by what is left."""
         import anyio
 
+        if resp.headers.get("content-encoding", "identity") == "identity":
+            raw = True  # nothing to decode: one layer of generators less per chunk
         it = (resp.aiter_raw() if raw else resp.aiter_bytes()).__aiter__()
         read_timeout = self.config.timeout_s
         while True:

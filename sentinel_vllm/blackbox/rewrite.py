@@ -82,9 +82,14 @@ class EventSplitter:
     def feed(self, data: bytes) -> list[bytes]:
         """The events completed by ``data`` (without their separator), in order."""
         buf = self._buf
+        self._cr = self._cr or b"\r" in data
+        if not buf and not self._cr:  # the usual read: whole events, split in C
+            *events, rest = data.split(b"\n\n")
+            buf += rest
+            self._check(buf)
+            return events
         start = max(len(buf) - 3, 0)  # a separator may straddle the previous read
         buf += data
-        self._cr = self._cr or b"\r" in data
         events, begin = [], 0
         if not self._cr:
             while (i := buf.find(b"\n\n", start)) >= 0:
@@ -104,9 +109,12 @@ class EventSplitter:
                         nxt[sep] = buf.find(sep, start)
         if begin:
             del buf[:begin]
+        self._check(buf)
+        return events
+
+    def _check(self, buf: bytearray) -> None:
         if len(buf) > self.max_event_bytes:
             raise EventTooLarge(f"an upstream event is longer than {self.max_event_bytes} bytes")
-        return events
 
     def rest(self) -> bytes:
         """The bytes after the last separator (the end of a stream without a final one)."""
