@@ -170,6 +170,54 @@ class DeadlineExceeded(Exception):
     """The request's ``deadline_s`` passed while the upstream was still answering."""
 
 
+class _ReadAhead:
+    """Read an async iterator ahead, in a task: each :meth:`batches` step gives every item
+    already read (at least one).
+
+    An idle stream passes each item on as it comes; when the consumer falls behind (the
+    proxy busy), what piled up goes out in one write instead of one write per event. At
+    most ``limit`` items wait (memory stays bounded); the source's exception is raised in
+    the consumer, in order.
+    """
+
+    _END = object()
+
+    def __init__(self, source, limit: int = 64):
+        import asyncio
+
+        self._q: asyncio.Queue = asyncio.Queue(limit)
+        self._task = asyncio.ensure_future(self._run(source))
+
+    async def _run(self, source) -> None:
+        try:
+            async for item in source:
+                await self._q.put(item)
+            await self._q.put(self._END)
+        except Exception as exc:  # noqa: BLE001 (handed to the consumer)
+            await self._q.put(exc)
+
+    async def batches(self):
+        q = self._q
+        while True:
+            items = [await q.get()]
+            while not q.empty():
+                items.append(q.get_nowait())
+            for i, item in enumerate(items):
+                if item is self._END or isinstance(item, Exception):
+                    if items[:i]:
+                        yield items[:i]
+                    if item is self._END:
+                        return
+                    raise item
+            yield items
+
+    async def aclose(self) -> None:
+        import asyncio
+
+        self._task.cancel()
+        await asyncio.wait([self._task])
+
+
 def _is_upstream(resp) -> bool:
     """An upstream answer (httpx), not one of the proxy's own error answers."""
     import httpx
@@ -508,9 +556,10 @@ class Proxy:
         import httpx
 
         st = _Stream(ask, label, self.config.max_response_bytes)
+        ahead = _ReadAhead(self._reads(resp, deadline, raw=False))
         try:
-            async for data in self._reads(resp, deadline, raw=False):
-                events = st.split.feed(data)
+            async for batch in ahead.batches():
+                events = [ev for data in batch for ev in st.split.feed(data)]
                 if events:
                     yield b"".join([self._event(ev, st) for ev in events])
             rest = st.split.rest()
@@ -527,7 +576,10 @@ class Proxy:
             yield sse_error(502, f"{exc} (--max-response-bytes): stream ended",
                             "upstream_too_large")
         finally:
-            await resp.aclose()
+            try:
+                await ahead.aclose()
+            finally:
+                await resp.aclose()
 
     def _event(self, event: bytes, st: _Stream) -> bytes:
         """One event for the client: as it came unless logprobs were cut or a block added."""
