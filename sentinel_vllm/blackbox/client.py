@@ -213,7 +213,9 @@ class TopLogprobsScorer:
                 f"short_steps must be one of {SHORT_STEPS_POLICIES}, got {short_steps!r}"
             )
         if not hasattr(sentinel, "p_correct"):
-            sentinel = load_sentinel(sentinel)
+            # one onnxruntime thread: a pool's threads spin after each call, ~2 ms of CPU per
+            # response on a 2-core machine (a fraction of a ms of work)
+            sentinel = load_sentinel(sentinel, intra_op_num_threads=1)
         self.scorer = SentinelScorer(sentinel)
         self.id = self.scorer.id
         if self.scorer.entropy == "full":
