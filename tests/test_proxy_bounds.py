@@ -236,3 +236,47 @@ def test_event_splitter():
             for i in range(0, len(body), step):
                 got += sp.feed(body[i : i + step])
             assert got == want and sp.rest() == buf, step
+
+
+def test_upstream_request_goes_in_one_write():
+    """httpcore's two writes (head, body) reach the socket as one, at the first read."""
+    import anyio
+
+    from sentinel_vllm.blackbox.proxy import _coalescing_backend
+
+    class Inner:
+        def __init__(self):
+            self.writes = []
+
+        async def write(self, data, timeout=None):
+            self.writes.append(data)
+
+        async def read(self, max_bytes, timeout=None):
+            return b"HTTP/1.1 200 OK\r\n"
+
+    async def go():
+        backend = _coalescing_backend()
+        inner = Inner()
+
+        async def connect(*a, **k):
+            return inner
+
+        backend._inner.connect_tcp = connect
+        s = await backend.connect_tcp("127.0.0.1", 1)
+        await s.write(b"POST / HTTP/1.1\r\n\r\n")
+        await s.write(b'{"a": 1}')
+        assert inner.writes == []
+        assert await s.read(100) == b"HTTP/1.1 200 OK\r\n"
+        assert inner.writes == [b'POST / HTTP/1.1\r\n\r\n{"a": 1}']
+        await s.write(b"x" * (1 << 16))  # a large upload goes out as it comes
+        assert len(inner.writes) == 2
+
+    anyio.run(go)
+
+
+def test_proxy_client_uses_the_coalescing_backend(up, sentinel):
+    from prometheus_client import CollectorRegistry
+
+    px = Proxy(_config(up, sentinel), registry=CollectorRegistry())
+    pool = px.client._transport._pool
+    assert type(pool._network_backend).__name__ == "Backend"

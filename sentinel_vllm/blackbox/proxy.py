@@ -218,6 +218,60 @@ class _ReadAhead:
         await asyncio.wait([self._task])
 
 
+def _coalescing_backend():
+    """httpcore's network backend whose streams send a request in one write.
+
+    httpcore writes the request line and headers, then the body, as two socket writes; on
+    a loopback or LAN hop each write wakes the upstream and costs more than the bytes. The
+    writes are kept (up to 64 kB) until the first read, then sent at once."""
+    import httpcore
+
+    class Stream(httpcore.AsyncNetworkStream):
+        def __init__(self, inner):
+            self._inner, self._pending, self._size = inner, [], 0
+
+        async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+            if buffer:
+                self._pending.append(buffer)
+                self._size += len(buffer)
+            if self._size >= 1 << 16:
+                await self._flush(timeout)
+
+        async def _flush(self, timeout) -> None:
+            if self._pending:
+                data, self._pending, self._size = b"".join(self._pending), [], 0
+                await self._inner.write(data, timeout)
+
+        async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+            await self._flush(timeout)
+            return await self._inner.read(max_bytes, timeout)
+
+        async def aclose(self) -> None:
+            await self._inner.aclose()
+
+        async def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+            await self._flush(timeout)
+            return Stream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+        def get_extra_info(self, info: str):
+            return self._inner.get_extra_info(info)
+
+    class Backend(httpcore.AsyncNetworkBackend):
+        def __init__(self):
+            self._inner = httpcore.AnyIOBackend()
+
+        async def connect_tcp(self, *args, **kwargs):
+            return Stream(await self._inner.connect_tcp(*args, **kwargs))
+
+        async def connect_unix_socket(self, *args, **kwargs):
+            return Stream(await self._inner.connect_unix_socket(*args, **kwargs))
+
+        async def sleep(self, seconds: float) -> None:
+            await self._inner.sleep(seconds)
+
+    return Backend()
+
+
 def _is_upstream(resp) -> bool:
     """An upstream answer (httpx), not one of the proxy's own error answers."""
     import httpx
@@ -294,8 +348,14 @@ class Proxy:
         if self._client is None:
             import httpx
 
+            transport = self._transport
+            if transport is None:
+                transport = httpx.AsyncHTTPTransport(limits=self._limits)
+                pool = getattr(transport, "_pool", None)  # httpx keeps httpcore's pool there
+                if hasattr(pool, "_network_backend"):  # else (another httpx): two writes
+                    pool._network_backend = _coalescing_backend()
             self._client = httpx.AsyncClient(timeout=self._timeout, limits=self._limits,
-                                             transport=self._transport)
+                                             transport=transport)
         return self._client
 
     async def aclose(self) -> None:
