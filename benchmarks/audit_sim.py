@@ -20,16 +20,28 @@ With ``--sentinel S.onnx`` (or ``default``) one fixed sentinel scores every
 benchmark instead: the deployed case, e.g. the embedded default (trained at
 T = 0.5) on traffic at T = 0 or 1.0, where its bias is largest.
 
+With ``--active`` it compares, on the same benchmarks and n, active labelling
+(``sentinel_vllm.active_audit``: n draws favouring the responses the sentinel is least
+sure of, the weighted PPI++ estimate and its score interval; at ``eta`` = the default
+and ``--eta-alt``) with random labels (the PPI++ audit above): coverage, mean width and
+their ratio; and the best ratio any design driven by the sentinel's score could reach,
+computed exactly (no draws): the variance of the Hansen-Hurwitz estimate under draw
+probabilities proportional to ``sqrt(E[(y - lam p)^2 | p])`` with ``E[y | p]`` the
+benchmark's own isotonic calibration (fitted on all its labels: an oracle no audit has),
+best ``lam``, against uniform draws at their best ``lam``.
+
 Usage::
 
     python benchmarks/audit_sim.py data/traces/qwen2.5-coder-0.5b.jsonl.gz --draws 1000
     python benchmarks/audit_sim.py data/traces/qwen2.5-coder-0.5b-t1.jsonl.gz --sentinel default
+    python benchmarks/audit_sim.py data/traces/qwen2.5-coder-0.5b-t0.jsonl.gz --sentinel default --active
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 import time
 
@@ -98,6 +110,78 @@ def simulate(scores, ns, draws: int, seed: int) -> list[dict]:
     return rows
 
 
+def simulate_active(scores, ns, draws: int, seed: int, etas) -> list[dict]:
+    """One row per (benchmark, n): coverage and width of active labelling at each ``eta`` and of
+    random labels (PPI++), each design with its own draws."""
+    from sentinel_vllm.active_audit import active_interval, draw_probabilities
+    from sentinel_vllm.audit import ppi_interval
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for b, (p, y) in scores.items():
+        true, N, sums = y.mean(), len(y), (len(y), float(p.sum()), float((p * p).sum()))
+        qs = {eta: draw_probabilities(p, eta) for eta in etas}
+        for n in ns:
+            r = {"benchmark": b, "n": n, "rand_w": [], "rand_cov": []}
+            for _ in range(draws):
+                idx = rng.integers(0, N, n)
+                _, lo, hi, _ = ppi_interval(y[idx], p[idx], p)
+                r["rand_w"].append(hi - lo)
+                r["rand_cov"].append(lo <= true <= hi)
+                for eta, q in qs.items():
+                    idx = rng.choice(N, n, p=q)
+                    _, lo, hi, _ = active_interval(y[idx], p[idx], 1 / (N * q[idx]), *sums)
+                    r.setdefault(f"act{eta}_w", []).append(hi - lo)
+                    r.setdefault(f"act{eta}_cov", []).append(lo <= true <= hi)
+            rows.append({k: (float(np.mean(v)) if isinstance(v, list) else v) for k, v in r.items()})
+    return rows
+
+
+def oracle_ratio(p, y) -> float:
+    """sqrt(variance of the best sentinel-driven design / variance of uniform draws), both at their
+    best lam (per-draw Hansen-Hurwitz variance; the lam^2 var(p) / N term is left out of both)."""
+    from sklearn.isotonic import IsotonicRegression
+
+    y = y.astype(float)
+    m = IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1).fit(p, y).predict(p)
+    lams = np.linspace(0, 1, 101)
+
+    def var(r, q):
+        return float((r * r / (len(r) ** 2 * q)).sum() - r.mean() ** 2)
+
+    uni = min(var(y - lam * p, np.full(len(y), 1 / len(y))) for lam in lams)
+    best = min(var(y - lam * p, (s := np.sqrt(np.maximum(m * (1 - 2 * lam * p) + (lam * p) ** 2, 1e-12))) / s.sum())
+               for lam in lams)
+    return math.sqrt(best / uni) if uni > 0 else float("nan")
+
+
+def print_active(scores, rows, ns, etas) -> None:
+    e0 = etas[0]
+    print("\n| n | active coverage (min) | active width | random coverage (min) | random width "
+          "| active / random width | " + " | ".join(f"eta={e} coverage (min) / width ratio" for e in etas[1:])
+          + " |")
+    print("|---|---|---|---|---|---|" + "---|" * (len(etas) - 1))
+    for n in ns:
+        rs = [r for r in rows if r["n"] == n]
+        m = functools.partial(_agg, np.mean, rs)
+        lo = functools.partial(_agg, np.min, rs)
+        alt = " | ".join(f"{m(f'act{e}_cov'):.3f} ({lo(f'act{e}_cov'):.3f}) / {m(f'act{e}_w') / m('rand_w'):.3f}"
+                         for e in etas[1:])
+        print(f"| {n} | {m(f'act{e0}_cov'):.3f} ({lo(f'act{e0}_cov'):.3f}) | {m(f'act{e0}_w'):.3f} "
+              f"| {m('rand_cov'):.3f} ({lo('rand_cov'):.3f}) | {m('rand_w'):.3f} "
+              f"| {m(f'act{e0}_w') / m('rand_w'):.3f} | {alt} |")
+    print("\nper benchmark: AUROC of P(correct), width ratio active/random at each n, best design (oracle):")
+    from sklearn.metrics import roc_auc_score
+
+    ratios = []
+    for b, (p, y) in scores.items():
+        auc = roc_auc_score(y, p) if 0 < y.mean() < 1 else float("nan")
+        wr = " ".join(f"n={r['n']}:{r[f'act{e0}_w'] / r['rand_w']:.3f}" for r in rows if r["benchmark"] == b)
+        ratios.append(oracle_ratio(p, y))
+        print(f"  {b:14s} acc={y.mean():.3f} auroc={auc:.2f}  {wr}  oracle={ratios[-1]:.3f}")
+    print(f"  mean oracle ratio (best sentinel-driven design / uniform): {np.nanmean(ratios):.3f}")
+
+
 def _agg(fn, rs, key) -> float:
     return float(fn([r[key] for r in rs]))
 
@@ -112,6 +196,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sentinel", default=None,
                     help="score with this sentinel file ('default': the embedded one) instead of LOBO")
     ap.add_argument("--cache", default=None, help=".npz to keep the sentinels' scores in (reused when present)")
+    ap.add_argument("--active", action="store_true",
+                    help="compare active labelling with random labels (and the best sentinel-driven design)")
+    ap.add_argument("--eta-alt", default="0.2", help="other eta values of the active design to show (comma list)")
     args = ap.parse_args(argv)
     from sentinel_vllm.traces import read_traces
 
@@ -130,6 +217,16 @@ def main(argv=None) -> int:
             np.savez(args.cache, **{f"p_{b}": v[0] for b, v in scores.items()},
                      **{f"y_{b}": v[1] for b, v in scores.items()})
     ns = [int(v) for v in args.n.split(",")]
+    if args.active:
+        from sentinel_vllm.active_audit import ETA
+
+        etas = [ETA] + [float(v) for v in args.eta_alt.split(",") if v]
+        rows = simulate_active(scores, ns, args.draws, args.seed, etas)
+        print(f"# audit_sim --active  {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC  "
+              f"traces={','.join(args.traces)}  sentinel: {args.sentinel or 'LOBO'}  draws={args.draws} "
+              f"per benchmark and n and design  eta={etas}  ({time.time() - t0:.0f} s)")
+        print_active(scores, rows, ns, etas)
+        return 0
     rows = simulate(scores, ns, args.draws, args.seed)
     print(f"# audit_sim  {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC  traces={','.join(args.traces)}  "
           f"sentinel: {args.sentinel or f'leave-one-benchmark-out ({args.composition})'}  draws={args.draws} per benchmark and n  "

@@ -1,31 +1,44 @@
 #!/usr/bin/env bash
-# One-shot GPU check of issue 5, run from anywhere on a CUDA machine: at most
-# ~4.5 minutes; needs a CUDA build of torch with triton (python on PATH, or .venv).
-# Kernel tests on the GPU (no interpreter), then the kernel benchmark (quick grid
-# incl. batch 256/1024, bf16, then the full grid without naive if time allows).
-# Prints everything; paste the tables into benchmarks/RESULTS.md "## Kernel (issue 5)".
+# One-shot GPU check of issue 19 (H200): at most 8 minutes, one table, the same numbers as JSON.
+#
+# Usage (from anywhere; runs in the repo root):
+#     bash benchmarks/gpu_check.sh OUT.json 2>&1 | tee OUT.log
+#
+# Needs python3 with a CUDA torch, triton and transformers; no vLLM, no network, no
+# install: the repo root goes on PYTHONPATH and sentinel_vllm/kernels -> ../kernels is
+# created if missing. The driver benchmarks/gpu_check.py runs, each guarded and with its
+# own time budget: 1 kernel tests on CUDA without the interpreter (pytest subprocess:
+# test_kernels_triton.py, test_kernels_cuda.py and the CUDA test of test_kernels.py),
+# 2 kernel bandwidth vs the measured copy bandwidth, 3 host syncs per decode step, 4 a
+# random-weight Qwen2-0.5B-shaped decode loop with/without the sentinel, 5 the recorded
+# trajectories vs float64. CPU check of the script: python benchmarks/gpu_check.py --dry-run
+# --json /tmp/x.json. Paste the table into benchmarks/RESULTS.md "## H200".
 set -u
+OUT_JSON="$(realpath -m "${1:?usage: bash benchmarks/gpu_check.sh OUT.json}")"
 cd "$(dirname "$0")/.."
-# Use a python whose torch sees CUDA (the repo's .venv may be a CPU build).
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  [ -f .venv/bin/activate ] && source .venv/bin/activate
-fi
-# kernels/ maps to sentinel_vllm.kernels only through the installed package.
-python -c "import sentinel_vllm.kernels" 2>/dev/null || \
-  pip install -q --no-deps --no-build-isolation -e . || echo "!! could not install the package"
-unset TRITON_INTERPRET
+PY=python3
+command -v python3 >/dev/null 2>&1 || PY=python
+[ -e sentinel_vllm/kernels ] || ln -s ../kernels sentinel_vllm/kernels
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-echo "== environment"; date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python - <<'PY'
-import torch, triton
-print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.cuda.is_available(),
-      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
+unset TRITON_INTERPRET
+echo "== environment"
+date -u
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.memory \
+  --format=csv,noheader || echo "!! nvidia-smi failed"
+"$PY" - <<'PY' || echo "!! environment check failed (the driver still runs; sections may error)"
+import sys, torch, triton, transformers
+import sentinel_vllm.kernels  # noqa: F401  (through PYTHONPATH and the symlink)
+ok = torch.cuda.is_available()
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "triton", triton.__version__, "transformers", transformers.__version__,
+      "device", torch.cuda.get_device_name(0) if ok else "NONE")
+sys.exit(0 if ok else 1)
 PY
-echo "== kernel tests on CUDA"
-timeout 120 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_triton.py 2>&1 | tail -25
-echo "== benchmark, quick grid (fp32 then bf16)"
-timeout 50 python benchmarks/bench_kernel.py --quick
-timeout 30 python benchmarks/bench_kernel.py --quick --dtype bfloat16 --no-naive
-echo "== benchmark, full grid (fp32, no naive)"
-timeout 60 python benchmarks/bench_kernel.py --no-naive
-echo "== done"; date -u
+echo "== gpu_check.py -> $OUT_JSON"
+timeout 470 "$PY" benchmarks/gpu_check.py --json "$OUT_JSON"
+rc=$?
+[ "$rc" = 124 ] && echo "!! gpu_check.py hit the 470 s timeout; $OUT_JSON holds the sections finished"
+echo "== done rc=$rc"
+date -u
+exit "$rc"

@@ -10,21 +10,78 @@ independent Bernoulli(p_i), with variance ``sum p_i (1 - p_i)``; the accuracy
 ``A = (1/n) sum Bernoulli(p_i)`` then has standard error
 ``sqrt(sum p_i (1 - p_i)) / n`` around ``A_hat``. The interval
 ``A_hat +- 1.96 * se``, clipped to [0, 1], is the range the slice's true
-accuracy should fall in. It does NOT include the sentinel's own calibration
-error on a shifted slice (see AEE in the evaluation); that part shrinks with
-better training compositions, not with more traffic.
+accuracy should fall in IF the sentinel is calibrated on this slice. On a
+benchmark or temperature it was not trained on it is not: its own estimation
+error does not shrink with traffic. The *band* adds it: a sentinel file's
+``band`` metadata (fitted by ``sentinel-vllm train`` on held-out units, see
+:mod:`sentinel_vllm.band`) holds ``q``, and the interval shown is
+
+``A_hat +- (q + 1.96 * se)``, clipped to [0, 1]       (``interval = "band"``)
+
+Without band metadata (older files, or a sentinel trained on one benchmark) the
+interval is the sampling part alone and says so (``interval = "sampling"``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["SliceEstimate", "estimate_accuracy", "estimate_slices", "summary", "Z_95"]
+__all__ = ["BAND_METHOD", "SliceEstimate", "band_halfwidth", "check_band", "estimate_accuracy",
+           "estimate_slices", "interval_kind", "interval_note", "summary", "Z_95"]
 
 Z_95 = 1.959963984540054
+#: The band every shown interval uses (sentinel_vllm/band.py; the recording rules hard-code it).
+BAND_METHOD = "conformal-linear"
+
+
+def check_band(band) -> dict:
+    """Validate a sentinel file's ``band`` metadata; returns it.
+
+    Raises
+    ------
+    ValueError
+        Not a dict, another method than :data:`BAND_METHOD`, or ``q`` not a finite
+        number >= 0.
+    """
+    if not isinstance(band, dict):
+        raise ValueError(f"band metadata must be a JSON object, got {type(band).__name__}")
+    if band.get("method") != BAND_METHOD:
+        raise ValueError(f"band method {band.get('method')!r}; this sentinel-vllm shows "
+                         f"{BAND_METHOD!r} bands (retrain or upgrade)")
+    q = band.get("q")
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q) or q < 0:
+        raise ValueError(f"band q must be a finite number >= 0, got {q!r}")
+    return band
+
+
+def interval_kind(band) -> str:
+    """``"band"`` with band metadata, ``"sampling"`` without."""
+    return "sampling" if band is None else "band"
+
+
+def interval_note(band) -> str:
+    """One line saying what the shown 95% interval is."""
+    if band is None:
+        return ("95% interval: sampling noise only (this sentinel file has no band; the "
+                "sentinel's own error on unseen benchmarks and temperatures is not included)")
+    nested = band.get("nested") or {}
+    cov = nested.get("coverage")
+    judged = (f"; covered {cov:.0%} of {nested.get('n_units')} held-out units, nested"
+              if isinstance(cov, (int, float)) else "")
+    return (f"95% interval: band = estimate +- ({band['q']:.3f} + 1.96 se), the sentinel's own "
+            f"error on {band.get('n_units', '?')} held-out (benchmark, temperature) units plus "
+            f"sampling noise{judged}; with audit labels `sentinel-vllm audit` gives PPI++")
+
+
+def band_halfwidth(se: float, band=None) -> float:
+    """Half-width of the 95% interval shown for a slice: ``q + 1.96 * se`` (``q = 0``
+    without a band, the sampling interval)."""
+    q = 0.0 if band is None else float(band["q"])
+    return q + Z_95 * float(se)
 
 
 @dataclass(frozen=True)
@@ -38,13 +95,20 @@ class SliceEstimate:
     estimate : float
         Mean P(correct), in [0, 1] (NaN when ``n == 0``).
     ci_low, ci_high : float
-        95% Poisson-binomial normal-approximation interval, clipped to [0, 1].
+        95% interval of the slice's true accuracy, clipped to [0, 1]: the band
+        (``interval == "band"``) or the sampling part alone (``"sampling"``).
     true : float or None
         Observed accuracy over the labelled responses, when labels exist.
     aee : float or None
         ``|estimate - true|`` when labels exist.
     n_labelled : int
         Number of responses with a label.
+    interval : str
+        ``"band"`` or ``"sampling"`` (see the module notes).
+    sampling_halfwidth : float
+        ``1.96 * sqrt(sum p(1-p)) / n`` (NaN when ``n == 0``).
+    shift_halfwidth : float
+        The band's ``q`` (0 for a sampling interval).
     """
 
     n: int
@@ -54,13 +118,16 @@ class SliceEstimate:
     true: float | None = None
     aee: float | None = None
     n_labelled: int = 0
+    interval: str = "sampling"
+    sampling_halfwidth: float = float("nan")
+    shift_halfwidth: float = 0.0
 
     def as_dict(self) -> dict:
         """Plain dict, for JSON."""
         return asdict(self)
 
 
-def estimate_accuracy(p_correct, correct=None) -> SliceEstimate:
+def estimate_accuracy(p_correct, correct=None, band=None) -> SliceEstimate:
     """Estimate a slice's accuracy from per-response probabilities.
 
     Parameters
@@ -69,6 +136,8 @@ def estimate_accuracy(p_correct, correct=None) -> SliceEstimate:
         Calibrated P(correct) per response, each in [0, 1].
     correct : array-like of {bool, None}, shape (n,), optional
         Labels; ``None`` entries are unlabelled and ignored for ``true``/``aee``.
+    band : dict, optional
+        A sentinel's ``band`` metadata (:func:`check_band`); None: sampling interval.
 
     Returns
     -------
@@ -83,12 +152,14 @@ def estimate_accuracy(p_correct, correct=None) -> SliceEstimate:
     if p.size and (np.isnan(p).any() or (p < 0).any() or (p > 1).any()):
         raise ValueError("p_correct values must lie in [0, 1]")
     n = int(p.size)
+    shift = 0.0 if band is None else float(check_band(band)["q"])
     if n == 0:
-        est, lo, hi = float("nan"), float("nan"), float("nan")
+        est, lo, hi, samp = float("nan"), float("nan"), float("nan"), float("nan")
     else:
         est = float(p.mean())
         se = float(np.sqrt(np.sum(p * (1.0 - p)))) / n
-        lo, hi = max(0.0, est - Z_95 * se), min(1.0, est + Z_95 * se)
+        h, samp = band_halfwidth(se, band), Z_95 * se
+        lo, hi = max(0.0, est - h), min(1.0, est + h)
     true = aee = None
     n_lab = 0
     if correct is not None:
@@ -100,11 +171,11 @@ def estimate_accuracy(p_correct, correct=None) -> SliceEstimate:
         if n_lab:
             true = float(lab.mean())
             aee = abs(est - true)
-    return SliceEstimate(n, est, lo, hi, true, aee, n_lab)
+    return SliceEstimate(n, est, lo, hi, true, aee, n_lab, interval_kind(band), samp, shift)
 
 
 def estimate_slices(
-    slices: Sequence[str], p_correct, correct: Iterable | None = None
+    slices: Sequence[str], p_correct, correct: Iterable | None = None, band=None
 ) -> dict[str, SliceEstimate]:
     """Per-slice estimates, slices in first-appearance order.
 
@@ -114,6 +185,8 @@ def estimate_slices(
         Slice label of each response.
     p_correct : array-like of float, shape (n,)
     correct : iterable of {bool, None}, length n, optional
+    band : dict, optional
+        As in :func:`estimate_accuracy`.
 
     Returns
     -------
@@ -127,7 +200,7 @@ def estimate_slices(
     for i, s in enumerate(slices):
         order.setdefault(s, []).append(i)
     return {
-        s: estimate_accuracy(p[idx], None if labels is None else [labels[i] for i in idx])
+        s: estimate_accuracy(p[idx], None if labels is None else [labels[i] for i in idx], band)
         for s, idx in order.items()
     }
 

@@ -59,9 +59,13 @@ class AuditEstimate:
     labels_only, labels_ci_low, labels_ci_high : float
         Labelled accuracy and its 95% Wilson interval (NaN without labels).
     unlabelled, unlabelled_ci_low, unlabelled_ci_high : float
-        Mean P(correct) over all the slice's responses and its Poisson-binomial interval.
+        Mean P(correct) over all the slice's responses and its 95% interval: the sentinel
+        file's band, or the Poisson-binomial (sampling) interval without one.
     lam : float
         The power-tuning weight used (0: labels only; 1: plain PPI).
+    interval, unlabelled_interval : str
+        What the intervals are: ``"ppi++"`` (the estimate's) and ``"band"`` or
+        ``"sampling"`` (the unlabelled one's; :func:`sentinel_vllm.aggregate.interval_kind`).
     """
 
     slice: str
@@ -77,6 +81,8 @@ class AuditEstimate:
     unlabelled_ci_low: float
     unlabelled_ci_high: float
     lam: float
+    interval: str = "ppi++"
+    unlabelled_interval: str = "sampling"
 
     def as_dict(self) -> dict:
         """Plain dict with NaN as None (strict JSON)."""
@@ -182,8 +188,9 @@ def _tuned_lam(y, pl, pu) -> float:
     return min(1.0, max(0.0, lam)) if math.isfinite(lam) else 0.0
 
 
-def audit_slice(name: str, p, labels: Sequence[bool | None]) -> AuditEstimate:
-    """Audit one slice: ``p`` for every response, ``labels`` (None where unlabelled).
+def audit_slice(name: str, p, labels: Sequence[bool | None], band=None) -> AuditEstimate:
+    """Audit one slice: ``p`` for every response, ``labels`` (None where unlabelled);
+    ``band``: the sentinel file's band metadata (the unlabelled estimate's interval).
 
     Raises
     ------
@@ -197,7 +204,7 @@ def audit_slice(name: str, p, labels: Sequence[bool | None]) -> AuditEstimate:
         raise ValueError(f"{p.size} scores but {len(labels)} labels")
     has = np.array([v is not None for v in labels], dtype=bool)
     y = np.array([bool(v) for v, h in zip(labels, has) if h], dtype=np.float64)
-    un = estimate_accuracy(p)
+    un = estimate_accuracy(p, band=band)
     k, n_lab = int(y.sum()), int(has.sum())
     w_lo, w_hi = wilson_interval(k, n_lab)
     nan = float("nan")
@@ -208,11 +215,11 @@ def audit_slice(name: str, p, labels: Sequence[bool | None]) -> AuditEstimate:
         est, lo, hi, lam = k / n_lab, w_lo, w_hi, 0.0
     return AuditEstimate(name, int(p.size), n_lab, est, lo, hi,
                          k / n_lab if n_lab else nan, w_lo, w_hi,
-                         un.estimate, un.ci_low, un.ci_high, lam)
+                         un.estimate, un.ci_low, un.ci_high, lam, "ppi++", un.interval)
 
 
 def audit_slices(slices: Sequence[str], p, ids: Sequence[str],
-                 labels: Mapping[str, bool]) -> list[AuditEstimate]:
+                 labels: Mapping[str, bool], band=None) -> list[AuditEstimate]:
     """:func:`audit_slice` for every slice, labels looked up by response id.
 
     Parameters
@@ -221,6 +228,8 @@ def audit_slices(slices: Sequence[str], p, ids: Sequence[str],
     p : array-like of float, shape (n,)
     ids : sequence of str, shape (n,)
     labels : mapping id -> bool
+    band : dict, optional
+        The sentinel file's band metadata (see :func:`audit_slice`).
 
     Returns
     -------
@@ -248,7 +257,7 @@ def audit_slices(slices: Sequence[str], p, ids: Sequence[str],
     out = []
     for s in dict.fromkeys(sl.tolist()):
         m = sl == s
-        out.append(audit_slice(s, p[m], [labels.get(i) for i, mm in zip(ids, m) if mm]))
+        out.append(audit_slice(s, p[m], [labels.get(i) for i, mm in zip(ids, m) if mm], band))
     return out
 
 

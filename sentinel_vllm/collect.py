@@ -109,14 +109,14 @@ def build_llm(model: str, *, ks: Sequence[int] = DEFAULT_KS, max_model_len: int 
         dtype = default_dtype(current_platform.is_cpu())
 
     from sentinel_vllm.serving.api.child_index import install_child_index_patch
-    from sentinel_vllm.serving.contract import vllm_launch_kwargs
+    from sentinel_vllm.serving.contract import offline_additional_config, vllm_launch_kwargs
 
     install_child_index_patch()
     kw = {"gpu_memory_utilization": 0.25, "dtype": dtype, **vllm_kwargs}
     # the same engine settings as serve and sentinel_vllm.LLM (processor for either runner)
     launch = vllm_launch_kwargs(
         series=_series_names(ks), logits_processors=kw.pop("logits_processors", None),
-        additional_config=kw.pop("additional_config", None),
+        additional_config=offline_additional_config(kw.pop("additional_config", None)),
         worker_extension_cls=kw.pop("worker_extension_cls", None), environ={})
     return LLM(model=model, max_model_len=max_model_len, seed=seed, **launch, **kw)
 

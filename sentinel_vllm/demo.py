@@ -159,6 +159,7 @@ def run_demo(model_name: str, sentinel: str, benchmarks: list[str], n: int, *, m
     from sentinel_vllm.collect import parse_benchmarks
     from sentinel_vllm.datasets import grade, load_benchmark
     from sentinel_vllm.model_assets import resolve_model
+    from sentinel_vllm.sentinel_file import load_sentinel
 
     model = resolve_model(model_name)
     specs = parse_benchmarks(",".join(benchmarks))
@@ -194,16 +195,27 @@ def run_demo(model_name: str, sentinel: str, benchmarks: list[str], n: int, *, m
             slices.append(spec.slice)
             ps.append(p)
             truth.append(bool(g.correct))
-    est = estimate_slices(slices, ps, truth)
-    print(f"\n{'slice':10s} {'n':>4s} {'estimated':>9s} {'95% CI':>15s} {'true':>6s} {'AEE':>6s}", file=out)
-    for s, e in est.items():
-        print(f"{s:10s} {e.n:4d} {e.estimate:9.3f} {f'[{e.ci_low:.2f}, {e.ci_high:.2f}]':>15s} "
-              f"{e.true:6.3f} {e.aee:6.3f}", file=out)
+    band = load_sentinel(sentinel).metadata.get("band")
+    est = estimate_slices(slices, ps, truth, band)
+    print_table(est, band, out)
     if metrics:
         print("\n/metrics (sentinel gauges):", file=out)
         for ln in metrics[:12]:
             print("  " + ln, file=out)
     return est
+
+
+def print_table(est, band, out) -> None:
+    """The per-slice table: estimate, its 95% interval (band or sampling, said), truth, AEE."""
+    from sentinel_vllm.aggregate import interval_kind, interval_note
+
+    head = f"95% {interval_kind(band)}"
+    print(f"\n{'slice':10s} {'n':>4s} {'estimated':>9s} {head:>15s} {'true':>6s} {'AEE':>6s}",
+          file=out)
+    for s, e in est.items():
+        print(f"{s:10s} {e.n:4d} {e.estimate:9.3f} {f'[{e.ci_low:.2f}, {e.ci_high:.2f}]':>15s} "
+              f"{e.true:6.3f} {e.aee:6.3f}", file=out)
+    print(interval_note(band), file=out)
 
 
 def _start_with_status(start, log_path: str, out, every_s: float = 5.0):

@@ -161,7 +161,7 @@ class CompositionResult:
         return [
             {"train": "+".join(self.train_slices), "slice": s, "seen": self.seen[s], "n": e.n,
              "estimated": e.estimate, "ci_low": e.ci_low, "ci_high": e.ci_high,
-             "true": e.true, "aee": e.aee}
+             "interval": e.interval, "true": e.true, "aee": e.aee}
             for s, e in self.slices.items()
         ]
 

@@ -102,7 +102,8 @@ class ProtocolResult:
     estimator : str
     rows : list of dict
         One per held-out unit: ``unit``, ``held_out``, ``temperature``, ``n``,
-        ``estimated``, ``true``, ``aee``, ``train`` (the training benchmarks).
+        ``estimated``, ``true``, ``aee``, ``se`` (``sqrt(sum p(1-p)) / n``, the sampling
+        standard error of :mod:`sentinel_vllm.aggregate`), ``train`` (the training benchmarks).
     summary : dict
         :func:`summarise` of ``rows``.
     """
@@ -255,11 +256,13 @@ def lobo(
             m = test & np.array([t == temp for t in temps])
             p = clf.predict_proba(X[m])[:, 1]
             true = float(y[m].mean())
+            se = float(np.sqrt(np.sum(p * (1.0 - p)))) / p.size  # the sampling part (aggregate.py)
             for e in estimators:
                 est = fitted[e](p)
                 results[e].rows.append({"unit": _unit(b, temp, several), "held_out": b,
                                         "temperature": temp, "n": int(m.sum()), "estimated": est,
-                                        "true": true, "aee": abs(est - true), "train": train_names})
+                                        "true": true, "aee": abs(est - true), "se": se,
+                                        "train": train_names})
     for r in results.values():
         r.summary = summarise(r.rows)
     return results

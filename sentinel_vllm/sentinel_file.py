@@ -202,6 +202,23 @@ class Sentinel:
             )
 
 
+_WARNED_NO_BAND: set = set()
+
+
+def _warn_no_band(sent: "Sentinel") -> None:
+    """Once per file: its intervals are sampling noise only (no ``band`` metadata)."""
+    if sent.id in _WARNED_NO_BAND:
+        return
+    _WARNED_NO_BAND.add(sent.id)
+    import logging
+
+    logging.getLogger("sentinel_vllm").warning(
+        "sentinel %s has no band metadata: its 95%% intervals (labelled 'sampling') are sampling "
+        "noise only and leave out the sentinel's own error on unseen benchmarks and temperatures; "
+        "retrain with `sentinel-vllm train --band` (two or more benchmarks) to store a band",
+        sent.id)
+
+
 def _fail(path, why: str):
     raise SentinelFileError(f"{path}: {why}")
 
@@ -229,6 +246,13 @@ def _read_metadata(model, path) -> dict:
         meta["entropy"], meta["k"] = canonical(meta["entropy"], meta["k"])
     except (ValueError, TypeError) as e:
         _fail(path, f"bad entropy kind in metadata: {e}")
+    if meta.get("band") is not None:  # the 95% band of the true accuracy (sentinel_vllm/band.py)
+        from sentinel_vllm.aggregate import check_band
+
+        try:
+            check_band(meta["band"])
+        except ValueError as e:
+            _fail(path, f"bad band in metadata: {e}")
     tk = meta.get("topk_k")  # the k of a topk feature group's series (top<topk_k>)
     if tk is not None and (isinstance(tk, bool) or not isinstance(tk, int) or tk < 1):
         _fail(path, f"topk_k in metadata must be an integer >= 1, got {tk!r}")
@@ -327,6 +351,8 @@ def load_sentinel(
             "another model are unvalidated (check AUROC on 100-200 labelled responses first)",
             sent.id, meta.get("trained_for_model", "an unknown model"),
             "+".join(meta.get("training_slices") or []) or "unknown slices")
+    if meta.get("band") is None:
+        _warn_no_band(sent)
     if entropy is not None:
         sent.check_compatible(FEATURE_NAMES if feature_names is None else feature_names, entropy, k)
     return sent

@@ -260,3 +260,42 @@ def test_human_audit_labels_reach_metrics(server, sdk):
                        ("sentinel_audited_accuracy_ci_high", ref.ci_high),
                        ("sentinel_audit_labels", 4), ("sentinel_audit_responses", 8)]:
         assert metric(text, name, lab) == pytest.approx(want, abs=1e-9), name
+
+
+def test_active_labelling_suggest_label_metrics(server, sdk):
+    """GET /sentinel/labels/suggest on a real server, labels for the drawn ids, and /metrics equal to
+    `sentinel-vllm audit --plan`'s computation on the same responses, seed and labels."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sentinel_vllm.active_audit import make_plan
+    from sentinel_vllm.cli.audit import _planned
+
+    base, blocks = server["base"], []
+    for i in range(6):
+        r = sdk.chat.completions.create(model=str(MODEL), messages=_msg(80 + i), max_tokens=4 + i % 3,
+                                        temperature=0.8, seed=i,
+                                        extra_body={"vllm_xargs": {"sentinel_slice": "active"}})
+        blocks.append(r.model_extra["sentinel"])
+    ids, p = [b["id"] for b in blocks], np.array([b["p_correct"] for b in blocks])
+    params = {"slice": "active", "n": 5, "seed": 11}
+    assert httpx.get(base + "/sentinel/labels/suggest", params=params, timeout=60).status_code == 401
+    r = httpx.get(base + "/sentinel/labels/suggest", params=params, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    plan = make_plan(server["sentinel_id"], ["active"] * 6, ids, p, 5, seed=11)
+    assert out["ids"] == plan["slices"]["active"]["draws"] and out["population"] == 6
+    labels = {i: ids.index(i) % 2 == 0 for i in out["ids"]}
+    r = httpx.post(base + "/sentinel/labels", json=[{"id": k, "correct": v} for k, v in labels.items()],
+                   headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    want = _planned(plan, server["sentinel_id"], [SimpleNamespace(id=i, slice="active") for i in ids],
+                    p, labels)[0]
+    assert r.json()["slices"] == [want.as_dict()]
+    text = httpx.get(base + "/metrics", timeout=30).text
+    for name, v in [("sentinel_audited_accuracy", want.estimate),
+                    ("sentinel_audited_accuracy_ci_low", want.ci_low),
+                    ("sentinel_audited_accuracy_ci_high", want.ci_high),
+                    ("sentinel_audit_labels", 5), ("sentinel_audit_responses", 6)]:
+        assert metric(text, name, 'slice="active"') == pytest.approx(v, abs=1e-9), name

@@ -31,7 +31,7 @@ need_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing (a
 def test_promtool_check_and_unit_test_rules():
     r = subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True,
                        timeout=120)
-    assert r.returncode == 0 and "SUCCESS: 8 rules found" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "SUCCESS: 9 rules found" in r.stdout, r.stdout + r.stderr
     r = subprocess.run([PROMTOOL, "test", "rules", str(RULE_TESTS)], capture_output=True, text=True,
                        timeout=120, cwd=RULE_TESTS.parent)
     assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
@@ -164,6 +164,10 @@ def test_recording_rule_is_the_mean_the_client_saw(stack):
     lo = _query(stack["prom"], 'slice:sentinel_p_correct:ci_low5m{slice="fleet"}')
     hi = _query(stack["prom"], 'slice:sentinel_p_correct:ci_high5m{slice="fleet"}')
     assert len(lo) == len(hi) == 1 and lo[0] < est[0] < hi[0]
+    # the tiny sentinel has no band: q = 0, the interval says it is sampling noise only
+    assert _query(stack["prom"], 'max(sentinel_band_shift_halfwidth{interval="sampling"})') == [0.0]
+    assert _query(stack["prom"], 'count(slice:sentinel_p_correct:ci_low5m{slice="fleet",'
+                                 'interval="sampling"})') == [1.0]
     # two API-server processes, one merged series: no per-process window gauges exported
     assert _query(stack["prom"], "sentinel_estimated_accuracy") == []
     assert _query(stack["prom"], 'count(vllm:request_success_total{model_name=~".+"})')  # joins vLLM's

@@ -55,6 +55,10 @@ def test_counters_sum_across_processes(tmp_path):
     assert err == 4  # one per process
     names = {m.name for m in reg.collect()}
     assert "sentinel_estimated_accuracy" not in names  # no per-process window in multiprocess mode
+    # the band constant: one series over the four processes (max), sampling-only here (no band)
+    shift = [s for m in reg.collect() if m.name == "sentinel_band_shift_halfwidth" for s in m.samples]
+    assert [(s.labels, s.value) for s in shift] == [
+        ({"model_name": "smol", "sentinel": "sentinel-abc", "interval": "sampling"}, 0.0)]
 
 
 def test_single_process_keeps_window_gauges_and_fleet_series():
@@ -69,6 +73,26 @@ def test_single_process_keeps_window_gauges_and_fleet_series():
     assert reg.get_sample_value("sentinel_estimated_accuracy",
                                 {"model": "smol", "sentinel": "s", "replica": "r", "slice": "x"}) \
         == pytest.approx(1.6 / 3)
+
+
+def test_band_gauges_by_hand():
+    """With a band q = 0.1: bounds = estimate +- (0.1 + 1.96 sqrt(sum p(1-p)) / n), clipped."""
+    from sentinel_vllm.aggregate import Z_95
+
+    reg = CollectorRegistry()
+    m = SentinelMetrics(model="smol", sentinel_id="s", replica="r", registry=reg,
+                        band={"method": "conformal-linear", "q": 0.1})
+    for p in (0.2, 0.4, 0.6) * 10:
+        m.observe("x", p)
+    lab = {"model": "smol", "sentinel": "s", "replica": "r", "slice": "x"}
+    h = 0.1 + Z_95 * (10 * (0.16 + 0.24 + 0.24)) ** 0.5 / 30  # 0.2650
+    assert reg.get_sample_value("sentinel_estimated_accuracy_ci_low", lab) == pytest.approx(0.4 - h)
+    assert reg.get_sample_value("sentinel_estimated_accuracy_ci_high", lab) == pytest.approx(0.4 + h)
+    assert reg.get_sample_value("sentinel_band_shift_halfwidth",
+                                {"model_name": "smol", "sentinel": "s", "interval": "band"}) == 0.1
+    with pytest.raises(ValueError, match="band method"):
+        SentinelMetrics(model="smol", sentinel_id="s2", registry=CollectorRegistry(),
+                        band={"method": "other", "q": 0.1})
 
 
 def test_allowlisted_slices_start_at_zero():

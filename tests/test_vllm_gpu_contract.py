@@ -48,7 +48,7 @@ def test_contract_environment_passes():
     import re
 
     passed = re.search(r"(\d+) passed", r.stdout)  # every contract case ran (only this wrapper skips)
-    assert passed and int(passed.group(1)) >= 6, r.stdout[-2000:]
+    assert passed and int(passed.group(1)) >= 11, r.stdout[-2000:]
 
 
 @pytest.fixture
@@ -120,3 +120,66 @@ def test_real_mrv2_loader_rejects_the_v1_only_class(vllm_env):
 
     vllm_env(None)
     assert "LogitsProcessor" in v1_class_rejected_by_mrv2()
+
+
+# ------------------------------------------------------------------ plugin path
+# Plain `vllm serve` (docs/serving.md): the package's entry points, found through its metadata.
+
+
+@pytest.fixture
+def entry_points(tmp_path, vllm_env):
+    import plugin_dist
+
+    undo = plugin_dist.on_path(plugin_dist.write_dist(tmp_path))
+    yield vllm_env
+    undo()
+
+
+@in_contract_env
+@pytest.mark.parametrize("setting", ["0", "1"], ids=["v1", "mrv2"])
+@pytest.mark.parametrize("on", [False, True], ids=["off", "on"])
+def test_real_loaders_build_the_entry_point_processor(entry_points, setting, on):
+    """vLLM 0.33's loaders: inert without the key; with it, the runner's processor, and the
+    real GPU worker class (what the CUDA platform sets as ``worker_cls``) gets the RPC methods."""
+    from runner_contract import check_plugin_runner, remove_worker_extension
+    from vllm.v1.worker.gpu_worker import Worker
+
+    entry_points(setting)
+    cfg = real_config()
+    if not on:
+        object.__setattr__(cfg, "additional_config", {})
+    cfg.parallel_config.worker_cls = "vllm.v1.worker.gpu_worker.Worker"
+    try:
+        check_plugin_runner(cfg.use_v2_model_runner, cfg, on, worker=Worker)
+    finally:
+        remove_worker_extension(Worker)
+    assert not hasattr(Worker, "sentinel_fetch")
+
+
+@in_contract_env
+def test_real_endpoint_plugin_loader(entry_points, monkeypatch):
+    """vLLM 0.33 loads the endpoint plugin only when VLLM_PLUGINS names it; it hands the
+    plugin the app with ``state.args``; the middleware goes in only with the key."""
+    import argparse
+
+    from runner_contract import check_endpoint_loader
+    from vllm.plugins import load_endpoint_plugins
+
+    import vllm.envs as envs
+    from sentinel_vllm.serving.api import settings
+    from sentinel_vllm.serving.api.middleware import SentinelMiddleware, ServerConfig
+
+    entry_points(None)
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    envs.disable_envs_cache() if hasattr(envs, "disable_envs_cache") else None
+    assert load_endpoint_plugins(("generate",)) == []
+    monkeypatch.setenv("VLLM_PLUGINS", "sentinel")
+    envs.disable_envs_cache() if hasattr(envs, "disable_envs_cache") else None
+    args = argparse.Namespace(additional_config={}, middleware=[])
+    assert check_endpoint_loader(args) == []
+    # no onnxruntime in this environment: the settings parse is tested in test_plugins.py
+    scorer = type("S", (), {"needed_series": ("top20",), "id": "stub"})()
+    monkeypatch.setattr(settings, "config_from_settings",
+                        lambda s: (ServerConfig(sentinel="stub"), scorer))
+    args.additional_config = {"sentinel": {"file": "default"}}
+    assert check_endpoint_loader(args) == [SentinelMiddleware]

@@ -69,3 +69,28 @@ def test_tracker_config_precedence(monkeypatch):
     assert got["series"] == ("full", "top5_renorm")  # env
     assert got["max_steps"] == 7  # additional_config wins over env
     assert got["num_slots"] == 20 and got["park_timeout_s"] == 600.0
+
+
+def test_offline_engines_keep_parked_trajectories_for_the_whole_batch():
+    # collect and sentinel_vllm.LLM fetch after generate() returns: a CPU batch slower than
+    # serving's 600 s park timeout lost its early finishers ("no sentinel trajectory for
+    # mmlu_stem/1908"); offline engines park for OFFLINE_PARK_TIMEOUT_S (LRU still bounds slots)
+    from sentinel_vllm.serving.contract import (
+        OFFLINE_PARK_TIMEOUT_S,
+        offline_additional_config,
+        vllm_launch_kwargs,
+    )
+
+    kw = vllm_launch_kwargs(series=["full"], environ={},
+                            additional_config=offline_additional_config('{"x": 1}'))
+    assert kw["additional_config"] == {
+        "x": 1, "sentinel": {"park_timeout_s": OFFLINE_PARK_TIMEOUT_S, "series": "full"}}
+    cfg = SimpleNamespace(additional_config=kw["additional_config"],
+                          model_config=SimpleNamespace(max_model_len=2048),
+                          scheduler_config=SimpleNamespace(max_num_seqs=10))
+    assert tracker_setup.tracker_config(cfg)["park_timeout_s"] == 30 * 86400.0
+    # the user's own timeout stands; bad input is left for vllm_launch_kwargs to name
+    assert offline_additional_config({"sentinel": {"park_timeout_s": 5}}) == {
+        "sentinel": {"park_timeout_s": 5}}
+    assert offline_additional_config(None) == {"sentinel": {"park_timeout_s": 30 * 86400.0}}
+    assert offline_additional_config("not json") == "not json"

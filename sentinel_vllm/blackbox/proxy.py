@@ -334,7 +334,8 @@ class Proxy:
                 raise ValueError(f"--api-key-env {config.api_key_env}: the variable is not set")
         self.metrics = SentinelMetrics(
             model=config.model_label or httpx.URL(self.base).netloc.decode(),
-            sentinel_id=self.scorer.id, registry=registry, **metrics_options(config))
+            sentinel_id=self.scorer.id, band=self.scorer.scorer.band, registry=registry,
+            **metrics_options(config))
         self._timeout = httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s)
         # keep-alive below uvicorn's 5 s (vLLM's server): never reuse a connection it closes
         self._limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256,

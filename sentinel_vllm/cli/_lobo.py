@@ -3,7 +3,9 @@
 Writes into ``--out-dir``: ``lobo_units.csv`` (per recipe, estimator and held-out
 unit: estimated, true, AEE, training benchmarks), ``lobo_summary.csv`` (per recipe
 and estimator: median, mean and worst AEE, Spearman rho), ``lobo.md`` (both tables
-beside the paper's own two-benchmark protocol) and ``lobo.png``.
+beside the paper's own two-benchmark protocol) and ``lobo.png``; with ``--band``,
+``band_units.csv`` / ``band_summary.csv`` (the 95% interval of each unit's true accuracy
+per band method, judged nested: coverage and mean half-width; sentinel_vllm/band.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ def add_arguments(p) -> None:
                    help="lobo: train only on traces at these temperatures (comma list)")
     p.add_argument("--test-temperatures", default=None,
                    help="lobo: hold out only traces at these temperatures (comma list)")
+    p.add_argument("--band", action="store_true",
+                   help="lobo: judge the 95%% interval of each unit's true accuracy, nested (the "
+                        "band of a unit is fitted on the protocol run without its benchmark): "
+                        "coverage and mean half-width of each band method (sentinel_vllm/band.py)")
 
 
 def _floats(text):
@@ -85,7 +91,33 @@ def paper_reference(traces, entropy, k, seed) -> list | None:
             s["median_aee"], s["mean_aee"], s["worst_aee"], s["worst_unit"], s["spearman_rho"]]
 
 
+BAND_UNIT_COLUMNS = ["recipe", "method", "unit", "n", "estimated", "true", "se", "q", "halfwidth",
+                     "low", "high", "covered"]
+BAND_SUMMARY_COLUMNS = ["recipe", "method", "n_units", "coverage", "mean_halfwidth", "misses"]
+
+
+def _band_tables(traces, args, comp, fs, memo) -> tuple[list, list]:
+    """Nested band coverage of one recipe, every method: (unit rows, summary rows)."""
+    from sentinel_vllm.band import METHODS, nested_coverage, nested_units
+
+    outer, inner = nested_units(traces, composition=comp, feature_set=fs, entropy=args.entropy,
+                                k=args.k, random_state=args.seed, classifier_factory=memo,
+                                train_temperatures=_floats(args.train_temperatures),
+                                test_temperatures=_floats(args.test_temperatures))
+    recipe = f"{comp}/{fs}"
+    n = {r["unit"]: r["n"] for r in outer}
+    units, summary = [], []
+    for m in METHODS:
+        cov = nested_coverage(outer, inner, m)
+        units += [[recipe, m, r["unit"], n[r["unit"]], r["estimated"], r["true"], r["se"], r["q"],
+                   r["halfwidth"], r["low"], r["high"], r["covered"]] for r in cov["rows"]]
+        summary.append([recipe, m, cov["n_units"], cov["coverage"], cov["mean_halfwidth"],
+                        " ".join(cov["misses"]) or "-"])
+    return units, summary
+
+
 def run(args) -> int:
+    from sentinel_vllm.band import memo_factory
     from sentinel_vllm.protocol import ROW_COLUMNS, SUMMARY_COLUMNS, lobo, plot_lobo
 
     sets = feature_sets(args)
@@ -93,14 +125,18 @@ def run(args) -> int:
     traces = _common.keep_scorable(args, [t for t in _common.load(args) if t.correct is not None],
                                    [(fs, args.entropy, args.k, args.k) for fs in sets], check=True)
     os.makedirs(args.out_dir, exist_ok=True)
-    results = []
+    results, band_units, band_summary = [], [], []
+    memo = memo_factory(args.seed)  # the band's nested runs refit the same folds
     for comp in _names(args.composition):
         for fs in sets:
             out = lobo(traces, composition=comp, feature_set=fs, estimators=_names(args.estimator),
                        entropy=args.entropy, k=args.k, random_state=args.seed,
                        train_temperatures=_floats(args.train_temperatures),
-                       test_temperatures=_floats(args.test_temperatures))
+                       test_temperatures=_floats(args.test_temperatures), classifier_factory=memo)
             results += list(out.values())
+            if args.band:
+                u, s = _band_tables(traces, args, comp, fs, memo)
+                band_units, band_summary = band_units + u, band_summary + s
     unit_rows = [r for res in results for r in res.table_rows()]
     summary_rows = [res.summary_row() for res in results]
     ref = None
@@ -113,6 +149,14 @@ def run(args) -> int:
               "## Summary over held-out benchmarks", "",
               _common.markdown_table(SUMMARY_COLUMNS, summary_rows + ([ref] if ref else [])), "",
               "## Held-out units", "", _common.markdown_table(ROW_COLUMNS, unit_rows), ""]
+    if args.band:
+        _common.write_csv(os.path.join(args.out_dir, "band_units.csv"), BAND_UNIT_COLUMNS,
+                          band_units)
+        _common.write_csv(os.path.join(args.out_dir, "band_summary.csv"), BAND_SUMMARY_COLUMNS,
+                          band_summary)
+        report += ["## 95% interval of the true accuracy, judged nested", "",
+                   _common.markdown_table(BAND_SUMMARY_COLUMNS, band_summary), "",
+                   _common.markdown_table(BAND_UNIT_COLUMNS, band_units), ""]
     with open(os.path.join(args.out_dir, "lobo.md"), "w", encoding="utf-8") as fh:
         fh.write("\n".join(report))
     if not args.no_plots:

@@ -1,7 +1,9 @@
 """``sentinel-vllm evaluate``: the paper's protocol on labelled traces.
 
 Writes into ``--out-dir``: ``auroc.csv``/``.md`` (AUROC of each statistic),
-``slices.csv`` (per composition and slice: estimated, interval, true, AEE),
+``slices.csv`` (per composition and slice: estimated, interval, true, AEE; the interval of
+this protocol's in-run sentinel is sampling noise only, ``interval = "sampling"``: the band
+is judged by ``--protocol lobo --band``),
 ``compositions.csv`` (median/mean AEE, Spearman rho, on all and unseen slices,
 Brier, ECE), ``report.md`` (all tables) and, per composition, a reliability
 diagram and an estimated-versus-true plot.
@@ -18,7 +20,8 @@ EPILOG = ("examples:\n  sentinel-vllm evaluate traces.jsonl.gz --train gsm8k,ocw
           "  sentinel-vllm evaluate traces.jsonl.gz --protocol lobo --out-dir lobo/")
 COMP_COLUMNS = ["train", "median_aee", "mean_aee", "spearman_rho", "median_aee_unseen",
                 "spearman_rho_unseen", "brier", "ece"]
-SLICE_COLUMNS = ["train", "slice", "seen", "n", "estimated", "ci_low", "ci_high", "true", "aee"]
+SLICE_COLUMNS = ["train", "slice", "seen", "n", "estimated", "ci_low", "ci_high", "interval", "true",
+                 "aee"]
 
 
 def add_parser(sub):

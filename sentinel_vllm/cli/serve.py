@@ -3,18 +3,15 @@
 Validates the sentinel file first (a missing, corrupt, non-ONNX or pickle file
 exits with status 1 and a clear message, before vLLM loads anything; a usage error, 2), then runs
 vLLM's OpenAI-compatible server in this process, exactly as ``vllm serve`` does,
-with three options added:
+through the same plugins as plain ``vllm serve`` (docs/serving.md): it
 
-* ``--logits-processors sentinel_vllm.serving.worker.processor_any:SentinelLogitsProcessorAny``,
-  which both model runners accept (vLLM picks the runner inside the engine; the
-  class becomes that runner's implementation when the runner builds it);
-* ``--worker-extension-cls sentinel_vllm.serving.worker.extension.SentinelWorkerExtension``;
-* ``--additional-config '{"sentinel": {"series": "full,top20"}}'`` merged into the
-  user's (the entropy series the worker records);
-* ``--middleware sentinel_vllm.serving.api.middleware.SentinelMiddleware`` (the response
-  layer; its settings travel in ``$SENTINEL_VLLM_CONFIG``).
+* puts its ``--sentinel-*`` options, and the entropy series the worker records, in
+  ``--additional-config '{"sentinel": {...}}'`` (merged into the user's);
+* adds ``sentinel`` to ``$VLLM_PLUGINS`` (when unset: every installed plugin of the
+  groups vLLM loads by default, plus ``sentinel``, so nothing else changes).
 
-Every option not listed below goes to vLLM untouched.
+Every option not listed below goes to vLLM untouched (``--logits-processors``,
+``--worker-extension-cls`` and ``--middleware`` of your own included).
 """
 
 from __future__ import annotations
@@ -24,7 +21,18 @@ import os
 import sys
 
 from sentinel_vllm.cli import DATA_ERROR
-from sentinel_vllm.serving.contract import CONFIG_ENV, MIDDLEWARE, vllm_launch_kwargs
+from sentinel_vllm.serving.api.settings import add_sentinel_options, build_config, settings_of
+from sentinel_vllm.serving.contract import (
+    ADDITIONAL_CONFIG_KEY,
+    ENDPOINT_PLUGIN,
+    GENERAL_PLUGIN,
+    PLUGIN_NAME,
+    PLUGIN_PROCESSOR,
+    vllm_launch_kwargs,
+)
+
+_add_sentinel_options = add_sentinel_options  # the name tests and older callers use
+__all__ = ["add_parser", "build_config", "main", "run", "vllm_argv"]
 
 EXAMPLES = """examples:
   sentinel-vllm serve ~/.cache/sentinel-vllm/models/smollm2-135m-instruct \\
@@ -37,39 +45,6 @@ EXAMPLES = """examples:
   # -> the response carries "sentinel": {"p_correct": ..., "features": {...}, ...}
 """
 
-
-
-def _add_sentinel_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sentinel")
-    g.add_argument("--sentinel", nargs="?", const="default", default="default", metavar="S.onnx",
-                   help="ONNX sentinel file (`sentinel-vllm train`); 'default' or no file: the "
-                        "embedded default sentinel (a warning names the model it was trained for)")
-    g.add_argument("--sentinel-slices", default=None, metavar="A,B,C",
-                   help="allowlist of slice labels (others count as 'other')")
-    g.add_argument("--sentinel-max-slices", type=int, default=32, metavar="N",
-                   help="cap on distinct slice labels (default 32)")
-    g.add_argument("--sentinel-drift-margin", type=float, default=0.05, metavar="M",
-                   help="drift alert when a slice's estimate < baseline - M (default 0.05)")
-    g.add_argument("--sentinel-baseline", default=None, metavar="JSON",
-                   help='baseline accuracy per slice: {"slice": 0.7, "*": 0.6}')
-    g.add_argument("--sentinel-replica", default=None,
-                   help="replica label of the metrics (default: hostname)")
-    g.add_argument("--sentinel-window", type=int, default=1000, metavar="N",
-                   help="responses per slice window (default 1000)")
-    g.add_argument("--sentinel-window-seconds", type=float, default=3600.0, metavar="S",
-                   help="age limit of the window in seconds, 0 = none (default 3600)")
-    g.add_argument("--sentinel-min-samples", type=int, default=20, metavar="N",
-                   help="no drift alert below this many responses in the window (default 20)")
-    g.add_argument("--sentinel-audit-db", default=None, metavar="PATH",
-                   help="SQLite file of the audit store (scored responses and the labels posted "
-                        "to /sentinel/labels), kept across restarts (default: a fresh file per run)")
-    g.add_argument("--sentinel-audit-retention", type=float, default=7 * 86400.0, metavar="S",
-                   help="responses older than S seconds leave the audit store (default 604800: 7 days)")
-    g.add_argument("--sentinel-audit-max-rows", type=int, default=1_000_000, metavar="N",
-                   help="cap on the audit store's responses, oldest dropped (default 1000000)")
-    g.add_argument("--sentinel-return-trajectory", action="store_true",
-                   help="add the per-step entropies (nats) to each block (debugging)")
-    g.add_argument("--sentinel-fault-injection", action="store_true", help=argparse.SUPPRESS)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -90,62 +65,14 @@ def run(args) -> int:
     return main(argv)
 
 
-def build_config(ns):
-    """:class:`~sentinel_vllm.serving.api.middleware.ServerConfig` from parsed options.
-
-    Raises
-    ------
-    ValueError
-        An unusable sentinel file, baseline file or option value.
-    """
-    from sentinel_vllm.cli._common import metrics_args
-    from sentinel_vllm.serving.api.audit_store import AuditStore
-    from sentinel_vllm.serving.api.metrics import load_baseline
-    from sentinel_vllm.serving.api.middleware import ServerConfig
-    from sentinel_vllm.serving.api.scoring import SentinelScorer, resolve_sentinel_path
-
-    path = resolve_sentinel_path(ns.sentinel)
-    scorer = SentinelScorer.from_path(ns.sentinel)  # ONNX only; warns when it is the default
-    if ns.sentinel_baseline is not None:
-        load_baseline(ns.sentinel_baseline)
-    if not 0 <= ns.sentinel_drift_margin <= 1:
-        raise ValueError(f"--sentinel-drift-margin must be in [0, 1], got {ns.sentinel_drift_margin}")
-    for opt in ("sentinel_max_slices", "sentinel_window", "sentinel_min_samples"):
-        if getattr(ns, opt) < 1:
-            raise ValueError(f"--{opt.replace('_', '-')} must be >= 1")
-    opts = metrics_args(ns)
-    opts["baseline"] = os.path.abspath(ns.sentinel_baseline) if ns.sentinel_baseline else None
-    db = os.path.abspath(ns.sentinel_audit_db) if ns.sentinel_audit_db else None
-    if db is not None:  # opened once here: an unusable path stops serve before vLLM starts
-        AuditStore(db, retention_s=ns.sentinel_audit_retention,
-                   max_rows=ns.sentinel_audit_max_rows).close()
-    elif not ns.sentinel_audit_retention > 0 or ns.sentinel_audit_max_rows < 1:
-        raise ValueError("--sentinel-audit-retention must be > 0 and --sentinel-audit-max-rows >= 1")
-    cfg = ServerConfig(sentinel=os.path.abspath(path), return_trajectory=ns.sentinel_return_trajectory,
-                       fault_injection=ns.sentinel_fault_injection, audit_db=db,
-                       audit_retention_s=ns.sentinel_audit_retention,
-                       audit_max_rows=ns.sentinel_audit_max_rows, **opts)
-    return cfg, scorer
-
-
-def fresh_audit_db() -> str:
-    """A new audit store path in a temporary folder, removed when this process exits."""
-    import atexit
-    import shutil
-    import tempfile
-
-    folder, owner = tempfile.mkdtemp(prefix="sentinel-audit-"), os.getpid()
-
-    def cleanup():  # in this process only, not in a forked child that runs atexit
-        if os.getpid() == owner:
-            shutil.rmtree(folder, ignore_errors=True)
-
-    atexit.register(cleanup)
-    return os.path.join(folder, "audit.sqlite")
-
-
 #: vLLM options ``serve`` merges with its own (the user's values are kept).
-_MERGED = ("--logits-processors", "--additional-config", "--worker-extension-cls")
+_MERGED = ("--additional-config",)
+#: The entry points ``serve`` relies on, by group (pyproject.toml).
+PLUGINS = {"vllm.logits_processors": PLUGIN_PROCESSOR, "vllm.endpoint_plugins": ENDPOINT_PLUGIN,
+           "vllm.general_plugins": GENERAL_PLUGIN}
+#: Plugin groups vLLM loads in full while ``$VLLM_PLUGINS`` is unset (endpoint plugins: never).
+DEFAULT_LOADED = ("vllm.general_plugins", "vllm.platform_plugins", "vllm.io_processor_plugins",
+                  "vllm.stat_logger_plugins")
 
 
 def _take_options(rest: list[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -174,21 +101,20 @@ def _take_options(rest: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     return keep, taken
 
 
-def vllm_argv(model: str, rest: list[str], needed_series=()) -> list[str]:
-    """The ``vllm serve`` arguments: the user's, merged with the sentinel's engine settings.
+def vllm_argv(model: str, rest: list[str], needed_series=(), settings=None) -> list[str]:
+    """The ``vllm serve`` arguments: the user's, with the sentinel's ``--additional-config``.
 
-    The processor, worker extension and ``--additional-config '{"sentinel": {"series":
-    ...}}'`` come from :func:`~sentinel_vllm.serving.contract.vllm_launch_kwargs` (the
-    same settings ``sentinel_vllm.LLM`` and ``collect`` use); the user's own
-    ``--logits-processors`` and ``--additional-config`` keys are kept. The series the
-    worker records: the user's ``additional_config["sentinel"]["series"]``, else
-    ``$SENTINEL_SERIES``, else ``full,top20`` plus ``needed_series``.
+    ``additional_config["sentinel"]`` gets ``settings`` (the ``--sentinel-*`` options,
+    :func:`~sentinel_vllm.serving.api.settings.settings_of`) over the user's own keys, and
+    the series the worker records: the user's ``additional_config["sentinel"]["series"]``,
+    else ``$SENTINEL_SERIES``, else ``full,top20`` plus ``needed_series``
+    (:func:`~sentinel_vllm.serving.contract.vllm_launch_kwargs`). The user's other
+    ``--additional-config`` keys are kept.
 
     Raises
     ------
     ValueError
-        Another ``--worker-extension-cls`` (vLLM takes only one), a bad
-        ``--additional-config``, or user series without a needed one.
+        A bad ``--additional-config``, or user series without a needed one.
     """
     import json
 
@@ -196,13 +122,42 @@ def vllm_argv(model: str, rest: list[str], needed_series=()) -> list[str]:
     extra = taken.get("--additional-config") or [None]
     if len(extra) > 1:
         raise ValueError("--additional-config given more than once")
-    ext = taken.get("--worker-extension-cls") or [None]
-    kw = vllm_launch_kwargs(needed_series, logits_processors=taken.get("--logits-processors"),
-                            additional_config=extra[0], worker_extension_cls=ext[-1])
-    return [model, *keep, "--logits-processors", *kw["logits_processors"],
-            "--worker-extension-cls", kw["worker_extension_cls"],
-            "--additional-config", json.dumps(kw["additional_config"], separators=(",", ":")),
-            "--middleware", MIDDLEWARE]
+    merged = vllm_launch_kwargs(needed_series, additional_config=extra[0])["additional_config"]
+    mine = merged[ADDITIONAL_CONFIG_KEY]
+    merged[ADDITIONAL_CONFIG_KEY] = {**mine, **(settings or {}), "series": mine["series"]}
+    return [model, *keep, "--additional-config", json.dumps(merged, separators=(",", ":"))]
+
+
+def check_plugins(entry_points=None) -> None:
+    """Raise unless this environment's package metadata has the sentinel's vLLM entry points.
+
+    vLLM finds plugins only there; a checkout used without ``pip install`` lacks them.
+    """
+    if entry_points is None:
+        from importlib.metadata import entry_points
+    missing = [f"{group}: {PLUGIN_NAME} = {value}" for group, value in PLUGINS.items()
+               if value not in {ep.value for ep in entry_points(group=group)
+                                if ep.name == PLUGIN_NAME}]
+    if missing:
+        raise ValueError("the sentinel's vLLM plugins are not installed in this environment "
+                         f"(missing entry points: {'; '.join(missing)}); install the package "
+                         "(`pip install sentinel-vllm`, or `pip install -e .` in a checkout)")
+
+
+def plugin_allowlist(current: str | None, entry_points=None) -> str:
+    """``$VLLM_PLUGINS`` with ``sentinel`` added.
+
+    Unset means "load every plugin" for all groups but endpoint plugins (which need
+    naming); so unset becomes every installed plugin of :data:`DEFAULT_LOADED` plus
+    ``sentinel``, and nothing else vLLM loads changes.
+    """
+    if current is not None:
+        names = [n for n in current.split(",") if n]
+        return current if PLUGIN_NAME in names else ",".join([*names, PLUGIN_NAME])
+    if entry_points is None:
+        from importlib.metadata import entry_points
+    names = {ep.name for group in DEFAULT_LOADED for ep in entry_points(group=group)}
+    return ",".join(sorted(names | {PLUGIN_NAME}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,17 +180,19 @@ def main(argv: list[str] | None = None) -> int:
         print("sentinel-vllm serve: error: MODEL is required", file=sys.stderr)
         return 2
     try:
-        cfg, scorer = build_config(ns)
+        _, scorer = build_config(ns)
         from sentinel_vllm.model_assets import resolve_model
 
+        check_plugins()
         # short names (smollm2-135m, qwen2.5-coder-0.5b) become their prepared folder
-        args = vllm_argv(resolve_model(ns.model), rest, scorer.needed_series)
+        args = vllm_argv(resolve_model(ns.model), rest, scorer.needed_series, settings_of(ns))
     except (ValueError, OSError) as exc:  # bad input or data: 1, as for every command
         print(f"sentinel-vllm serve: error: {exc}", file=sys.stderr)
         return DATA_ERROR
-    if cfg.audit_db is None:  # one store for every API-server process of this run
-        cfg.audit_db = fresh_audit_db()
-    os.environ[CONFIG_ENV] = cfg.to_env()
+    from sentinel_vllm.serving.api.plugin import name_run
+
+    os.environ["VLLM_PLUGINS"] = plugin_allowlist(os.environ.get("VLLM_PLUGINS"))
+    name_run()  # the run's folder (shared audit store), removed when serve exits
     args += _cpu_defaults(args)
     print(f"sentinel-vllm serve: sentinel {scorer.id} ({scorer.entropy}"
           f"{'' if scorer.k is None else f', k={scorer.k}'}, feature set {scorer.spec.name!r}, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 from sentinel_vllm.cli import _common
@@ -28,6 +29,20 @@ def add_parser(sub):
     p.add_argument("--trained-for", default=None, metavar="MODEL",
                    help="the model the traces come from (stored in the sentinel's metadata); "
                         "default: the traces' generation.model")
+    g = p.add_argument_group("band (the 95% interval of a slice's true accuracy; "
+                             "sentinel_vllm/band.py)")
+    g.add_argument("--band", action="store_true",
+                   help="store the band: this recipe's error on every (benchmark, temperature) "
+                        "unit of TRACES (+ --band-traces) held out by leave-one-benchmark-out, "
+                        "as the conformal q of the interval shown for this file (without it, "
+                        "intervals are sampling noise only and say so); refits the recipe once "
+                        "per held-out benchmark and once per nested fold")
+    g.add_argument("--band-traces", nargs="+", default=[], metavar="FILE",
+                   help="more labelled traces (other benchmarks and temperatures) for the band's "
+                        "units (implies --band); not used to fit the sentinel")
+    g.add_argument("--band-composition", choices=("auto", "extremes", "all"), default="auto",
+                   help="training composition of the band's protocol folds; auto: extremes "
+                        "when --slices names two benchmarks (the paper's pair), else all")
     return p
 
 
@@ -44,6 +59,43 @@ def _composition(traces) -> dict:
         cell["n_correct"] += int(bool(t.correct))
     return {"temperatures": sorted({k for v in out.values() for k in v}),
             "slices": {s: dict(sorted(v.items())) for s, v in sorted(out.items())}}
+
+
+def _band(args, topk_k) -> dict | None:
+    """The band metadata: leave-one-benchmark-out over every unit of TRACES + --band-traces
+    with this command's recipe, ``q`` fitted on all units, coverage judged nested."""
+    from sentinel_vllm.band import LEVEL, fit_band, nested_coverage, nested_units
+    from sentinel_vllm.traces import read_traces
+
+    if not (args.band or args.band_traces):
+        return None
+    traces = [t for t in _common.load(args) + (read_traces(args.band_traces, skip_bad=args.skip_bad)
+                                               if args.band_traces else [])
+              if t.correct is not None]
+    traces = _common.keep_scorable(args, traces, [(args.feature_set, args.entropy, args.k, topk_k)])
+    comp = args.band_composition
+    if comp == "auto":
+        comp = "extremes" if args.slices and len([s for s in args.slices.split(",") if s]) == 2 \
+            else "all"
+    temps = [float(v) for v in args.temperatures.split(",") if v] if args.temperatures else None
+    recipe = {"composition": comp, "feature_set": args.feature_set, "entropy": args.entropy,
+              "k": topk_k if topk_k is not None else args.k, "train_temperatures": temps}
+    try:
+        outer, inner = nested_units(traces, random_state=args.seed, **recipe)
+    except ValueError as e:  # one benchmark, or a fold with one class
+        print(f"no band stored ({e}): intervals shown for this file will be sampling noise only",
+              file=sys.stderr)
+        return None
+    band = fit_band(outer, level=LEVEL)
+    nest = nested_coverage(outer, inner)
+    band["protocol"] = {"name": "leave-one-benchmark-out, units = (benchmark, temperature)",
+                        **recipe, "seed": args.seed}
+    band["nested"] = {k: (nest[k] if not isinstance(nest[k], float) or math.isfinite(nest[k])
+                          else None) for k in ("coverage", "mean_halfwidth", "n_units", "misses")}
+    print(f"band: q = {band['q']:.4f} over {band['n_units']} held-out units (rank {band['rank']}); "
+          f"nested coverage {nest['coverage']:.3f}, mean half-width {nest['mean_halfwidth']:.3f}",
+          file=sys.stderr)
+    return band
 
 
 def run(args) -> int:
@@ -99,6 +151,9 @@ def run(args) -> int:
         extra["trained_for_model"] = trained_for
     extra["training_composition"] = _composition(traces)
     extra["feature_set"] = args.feature_set
+    band = _band(args, topk_k)
+    if band is not None:
+        extra["band"] = band
     sid = clf.export_onnx(args.out, entropy=name, k=k, training_slices=slices, extra_metadata=extra,
                           feature_names=feature_names(args.feature_set))
     print(f"trained on {len(y)} traces ({y.mean():.3f} correct) from {slices}; "

@@ -26,6 +26,8 @@ __all__ = [
     "RPC_FETCH", "RPC_DISCARD", "RPC_TRAJECTORIES", "RPC_STATS", "STATS_KEYS",
     "PROCESSOR", "V1_PROCESSOR", "MRV2_PROCESSOR", "WORKER_EXTENSION", "MIDDLEWARE",
     "CONFIG_ENV", "SENTINEL_ENV", "SERIES_ENV", "ADDITIONAL_CONFIG_KEY", "DEFAULT_SERIES",
+    "PLUGIN_NAME", "PLUGIN_PROCESSOR", "ENDPOINT_PLUGIN", "GENERAL_PLUGIN", "RUN_ENV",
+    "WORKER_SETTINGS", "sentinel_settings", "offline_additional_config", "OFFLINE_PARK_TIMEOUT_S",
     "processor_fqcn", "vllm_launch_kwargs", "first_answer", "merge_answers",
 ]
 
@@ -74,8 +76,22 @@ MRV2_PROCESSOR = "sentinel_vllm.serving.worker.processor:SentinelLogitsProcessor
 WORKER_EXTENSION = "sentinel_vllm.serving.worker.extension.SentinelWorkerExtension"
 MIDDLEWARE = "sentinel_vllm.serving.api.middleware.SentinelMiddleware"
 
+# -------------------------------------------------------------- vLLM plugins
+#: Name of the sentinel's entry points in every vLLM plugin group: what ``VLLM_PLUGINS`` names.
+PLUGIN_NAME = "sentinel"
+#: ``vllm.logits_processors`` entry point: loaded by every engine, both runners; it does
+#: the work only where ``additional_config`` has the :data:`ADDITIONAL_CONFIG_KEY` key.
+PLUGIN_PROCESSOR = "sentinel_vllm.serving.worker.plugin:SentinelPluginProcessor"
+#: ``vllm.endpoint_plugins`` entry point (API server; allowlisted through ``VLLM_PLUGINS``).
+ENDPOINT_PLUGIN = "sentinel_vllm.serving.api.plugin:SentinelEndpointPlugin"
+#: ``vllm.general_plugins`` entry point (every vLLM process): names the run's folder.
+GENERAL_PLUGIN = "sentinel_vllm.serving.api.plugin:name_run"
+#: The run's folder (the shared audit store of several API servers), set by :data:`GENERAL_PLUGIN`
+#: in vLLM's first process and inherited by the processes it starts.
+RUN_ENV = "SENTINEL_VLLM_RUN"
+
 # ------------------------------------------------------------------- settings
-#: JSON of the API side's ``ServerConfig`` (set by ``sentinel-vllm serve``).
+#: JSON of the API side's ``ServerConfig``, for the explicit ``--middleware`` wiring.
 CONFIG_ENV = "SENTINEL_VLLM_CONFIG"
 #: Shortcut for self-launched servers: just the sentinel file's path.
 SENTINEL_ENV = "SENTINEL_VLLM_SENTINEL"
@@ -85,6 +101,51 @@ SERIES_ENV = "SENTINEL_SERIES"
 ADDITIONAL_CONFIG_KEY = "sentinel"
 #: Series recorded when nothing else is asked: full-vocabulary and the paper's top-20 entropy.
 DEFAULT_SERIES: tuple[str, ...] = ("full", "top20")
+#: Keys of ``additional_config["sentinel"]`` read by the worker side
+#: (:func:`sentinel_vllm.serving.worker.tracker_setup.tracker_config`); the API side reads the rest.
+WORKER_SETTINGS = ("series", "max_steps", "num_slots", "park_timeout_s", "backend")
+
+
+def sentinel_settings(additional_config: Mapping | str | None) -> dict | None:
+    """The sentinel's settings in vLLM's ``additional_config``, or None when it has none.
+
+    The one test of "is the sentinel on" that the plugins make: without the
+    :data:`ADDITIONAL_CONFIG_KEY` key every plugin does nothing.
+
+    Parameters
+    ----------
+    additional_config : mapping, JSON str or None
+        ``VllmConfig.additional_config`` / ``--additional-config``.
+
+    Returns
+    -------
+    dict or None
+
+    Raises
+    ------
+    ValueError
+        ``additional_config`` is not a JSON object, or its sentinel entry is not one.
+    """
+    import json
+
+    if additional_config is None or additional_config == "":
+        return None
+    extra = additional_config
+    if isinstance(extra, str):
+        try:
+            extra = json.loads(extra)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--additional-config is not valid JSON: {exc}") from exc
+    if not isinstance(extra, Mapping):
+        raise ValueError(f"--additional-config must be a JSON object, got {type(extra).__name__}")
+    if ADDITIONAL_CONFIG_KEY not in extra:
+        return None
+    mine = extra[ADDITIONAL_CONFIG_KEY]
+    if not isinstance(mine, Mapping):
+        raise ValueError(f'--additional-config "{ADDITIONAL_CONFIG_KEY}" must be a JSON object '
+                         f'(e.g. {{"{ADDITIONAL_CONFIG_KEY}": {{"file": "default"}}}}), '
+                         f"got {mine!r}")
+    return dict(mine)
 
 
 def processor_fqcn(vllm_config=None, *, use_v2: bool | None = None) -> str:
@@ -117,9 +178,9 @@ def vllm_launch_kwargs(needed_series: Iterable[str] = (), *, series: Iterable[st
                        environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The vLLM engine settings that wire the sentinel in, merged with the user's.
 
-    The one place that decides them: ``sentinel-vllm serve`` (as CLI options),
-    ``sentinel_vllm.LLM`` and ``collect`` (as ``vllm.LLM`` keyword arguments) all
-    call it. The processor is :data:`PROCESSOR` whatever the runner (vLLM
+    The one place that decides them: ``sentinel_vllm.LLM`` and ``collect`` (as
+    ``vllm.LLM`` keyword arguments) call it, and ``sentinel-vllm serve`` for the series it
+    writes into ``--additional-config`` (it uses the plugins, not these class paths). The processor is :data:`PROCESSOR` whatever the runner (vLLM
     decides that inside the engine); the worker's settings travel in
     ``additional_config["sentinel"]``, the same way in every path.
 
@@ -196,6 +257,33 @@ def vllm_launch_kwargs(needed_series: Iterable[str] = (), *, series: Iterable[st
     merged = {**extra, ADDITIONAL_CONFIG_KEY: {**mine, "series": ",".join(chosen)}}
     return {"logits_processors": procs, "worker_extension_cls": WORKER_EXTENSION,
             "additional_config": merged}
+
+
+# An offline engine (``collect``, ``sentinel_vllm.LLM``) fetches every request's trajectory after
+# its ``generate`` call returns, however long the batch took: its parked trajectories must not
+# expire after serving's 600 s (a slow CPU batch lost its early finishers). LRU eviction still
+# bounds the parked slots.
+OFFLINE_PARK_TIMEOUT_S = 30 * 86400.0
+
+
+def offline_additional_config(additional_config: Mapping | str | None) -> dict:
+    """The user's ``additional_config`` with ``park_timeout_s`` for an offline engine.
+
+    A ``park_timeout_s`` the user set under ``"sentinel"`` is kept; a JSON string is parsed
+    (errors are left to :func:`vllm_launch_kwargs`, which names them).
+    """
+    import json
+
+    extra = additional_config if additional_config is not None else {}
+    if isinstance(extra, str):
+        try:
+            extra = json.loads(extra)
+        except json.JSONDecodeError:
+            return extra  # type: ignore[return-value]
+    if not isinstance(extra, Mapping) or not isinstance(extra.get(ADDITIONAL_CONFIG_KEY, {}), Mapping):
+        return extra  # type: ignore[return-value]
+    mine = {"park_timeout_s": OFFLINE_PARK_TIMEOUT_S, **extra.get(ADDITIONAL_CONFIG_KEY, {})}
+    return {**extra, ADDITIONAL_CONFIG_KEY: mine}
 
 
 def first_answer(answers: list) -> Any:

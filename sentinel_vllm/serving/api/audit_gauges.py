@@ -2,7 +2,8 @@
 
 One series per slice of each of ``sentinel_audited_accuracy`` (PPI++ estimate),
 ``sentinel_audited_accuracy_ci_low`` / ``_ci_high`` (its 95% interval),
-``sentinel_audit_labels`` and ``sentinel_audit_responses`` (the store's counts). A slice
+``sentinel_audit_labels`` and ``sentinel_audit_responses`` (the store's counts; for a slice
+audited under a plan of ``GET /sentinel/labels/suggest``, its labelled draws and population). A slice
 the store no longer holds (retention, row cap) loses its series with one API server; in
 prometheus-client's multiprocess mode, where a series cannot be removed, it reads 0
 responses, 0 labels and a NaN estimate.

@@ -6,7 +6,10 @@ side records ``(id, slice, p_correct, time)`` of every scored choice in an SQLit
 so a label posted to any of them finds a response served by any other.
 ``POST /sentinel/labels`` (:mod:`sentinel_vllm.serving.api.labels`) sets labels; the
 slice's audited accuracy is :func:`sentinel_vllm.audit.audit_slice` of the store's
-rows of that slice (PPI++ 95% interval), exported on ``/metrics`` by
+rows of that slice (PPI++ 95% interval), or, once a plan of ``GET
+/sentinel/labels/suggest`` (:mod:`sentinel_vllm.serving.api.suggest`; tables ``plans``
+and ``plan_draws``) has labelled draws, :func:`sentinel_vllm.active_audit.audit_design`
+of that plan's design, exported on ``/metrics`` by
 :class:`~sentinel_vllm.serving.api.audit_gauges.AuditGauges`, recomputed when labels arrive and before a scrape when the
 store changed.
 
@@ -47,22 +50,38 @@ CREATE TABLE IF NOT EXISTS responses (
     label INTEGER);
 CREATE INDEX IF NOT EXISTS responses_slice_label ON responses (slice, label);
 CREATE INDEX IF NOT EXISTS responses_t ON responses (t);
+CREATE TABLE IF NOT EXISTS plans (
+    plan INTEGER PRIMARY KEY, slice TEXT NOT NULL, created REAL NOT NULL, n INTEGER NOT NULL,
+    seed INTEGER NOT NULL, eta REAL NOT NULL, population INTEGER NOT NULL, p_sum REAL NOT NULL,
+    p_sum2 REAL NOT NULL, t_from REAL NOT NULL, t_to REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS plan_draws (
+    plan INTEGER NOT NULL, draw INTEGER NOT NULL, id TEXT NOT NULL, q REAL NOT NULL,
+    p REAL NOT NULL, label INTEGER, PRIMARY KEY (plan, draw));
+CREATE INDEX IF NOT EXISTS plan_draws_id ON plan_draws (id);
+PRAGMA user_version = 1;
 """
+#: Schema versions: 0 (``responses`` only), 1 (+ ``plans`` and ``plan_draws``: active
+#: labelling). Opening a version-0 store adds the new tables and keeps its rows.
+SCHEMA_VERSION = 1
 
-
-_COLUMNS = {"id", "slice", "p_correct", "t", "label"}
+_COLUMNS = {"responses": {"id", "slice", "p_correct", "t", "label"},
+            "plans": {"plan", "slice", "created", "n", "seed", "eta", "population", "p_sum",
+                      "p_sum2", "t_from", "t_to"},
+            "plan_draws": {"plan", "draw", "id", "q", "p", "label"}}
 
 
 def _check_schema(db, path) -> None:
-    """ValueError for a database that holds other tables than the store's, or a ``responses``
-    table without its columns (nothing is added to it)."""
+    """ValueError for a database that holds other tables than the store's, or one of them
+    without its columns (nothing is added to it)."""
     tables = {r[0] for r in db.execute(
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
-    columns = {r[1] for r in db.execute("PRAGMA table_info(responses)")}
-    if tables - {"responses"} or (tables and not _COLUMNS <= columns):
+    bad = tables - set(_COLUMNS) or [t for t in tables if not _COLUMNS[t] <= {
+        r[1] for r in db.execute(f"PRAGMA table_info({t})")}]
+    if bad or (tables and "responses" not in tables):
         db.close()
+        cols = ", ".join(sorted(_COLUMNS["responses"]))
         raise ValueError(f"{path} is not a sentinel audit store (tables {sorted(tables)}; "
-                         f"the store has one table, responses ({', '.join(sorted(_COLUMNS))}))")
+                         f"the store has responses ({cols}), plans and plan_draws)")
 
 
 def audit_id(sentinel_id: str, child: int, n: int) -> str:
@@ -174,6 +193,10 @@ class AuditStore:
         self._last_prune = now = self._clock()
 
         def fn(db):
+            old = [r[0] for r in db.execute("SELECT plan FROM plans WHERE created < ?",
+                                            (now - self.retention_s,))]
+            db.executemany("DELETE FROM plan_draws WHERE plan = ?", [(k,) for k in old])
+            db.executemany("DELETE FROM plans WHERE plan = ?", [(k,) for k in old])
             n = db.execute("DELETE FROM responses WHERE t < ?", (now - self.retention_s,)).rowcount
             lo, hi = db.execute("SELECT min(rowid), max(rowid) FROM responses").fetchone()
             if lo is None or hi - lo + 1 <= self.max_rows:  # rowids grow: at most hi - lo + 1 rows
@@ -191,6 +214,9 @@ class AuditStore:
             slices, updates = {}, []
             for ident, correct in labels.items():
                 row = db.execute("SELECT slice, label FROM responses WHERE id = ?", (ident,)).fetchone()
+                if row is None:  # pruned since a plan drew it: the plan keeps the label
+                    row = db.execute("SELECT p.slice, d.label FROM plan_draws d JOIN plans p "
+                                     "USING (plan) WHERE d.id = ? LIMIT 1", (ident,)).fetchone()
                 if row is None:
                     res.unknown.append(ident)
                     continue
@@ -201,6 +227,7 @@ class AuditStore:
                     res.updated += 1
                 updates.append((int(bool(correct)), ident))
             db.executemany("UPDATE responses SET label = ? WHERE id = ?", updates)
+            db.executemany("UPDATE plan_draws SET label = ? WHERE id = ?", updates)
             res.slices = list(slices)
         self._write(fn)
         return res
@@ -215,13 +242,18 @@ class AuditStore:
         return {s: v[:2] for s, v in self.summary().items()}
 
     def summary(self) -> dict[str, tuple]:
-        """``{slice: (responses, labelled, correct labels, first rowid, last rowid)}``: equal
-        summaries, equal rows (a relabel to the same value changes nothing)."""
+        """``{slice: (responses, labelled, correct labels, first rowid, last rowid, plans)}``:
+        equal summaries, equal rows (a relabel to the same value changes nothing); ``plans``:
+        the slice's last plan and its labelled and correct draws, or None."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT slice, count(*), count(label), total(label), min(rowid), max(rowid) "
                 "FROM responses GROUP BY slice").fetchall()
-        return {r[0]: (int(r[1]), int(r[2]), float(r[3]), r[4], r[5]) for r in rows}
+            plans = {r[0]: tuple(r[1:]) for r in self._db.execute(
+                "SELECT p.slice, max(p.plan), count(d.label), total(d.label) FROM plans p "
+                "JOIN plan_draws d USING (plan) GROUP BY p.slice")}
+        return {r[0]: (int(r[1]), int(r[2]), float(r[3]), r[4], r[5], plans.get(r[0]))
+                for r in rows}
 
     def arrays(self, slice_label: str) -> tuple[np.ndarray, list]:
         """The slice's ``p_correct`` (float64) and labels (True/False/None), same order."""
@@ -232,11 +264,68 @@ class AuditStore:
         return p, [None if r[1] is None else bool(r[1]) for r in rows]
 
     def audit(self, slice_label: str):
-        """:func:`sentinel_vllm.audit.audit_slice` of the slice's rows."""
+        """The slice's audited accuracy: under its last plan with at least ``MIN_LABELS``
+        labelled draws (:func:`sentinel_vllm.active_audit.audit_design`; labels outside the
+        plan are not used), else :func:`sentinel_vllm.audit.audit_slice` of its rows."""
         from sentinel_vllm.audit import audit_slice
 
+        planned = self.design(slice_label)
+        if planned is not None:
+            from sentinel_vllm.active_audit import audit_design
+
+            return audit_design(slice_label, *planned)
         p, labels = self.arrays(slice_label)
         return audit_slice(slice_label, p, labels)
+
+    def design(self, slice_label: str):
+        """``(SliceDesign, {id: label})`` of the slice's last plan with at least ``MIN_LABELS``
+        labelled draws, or None."""
+        from sentinel_vllm.active_audit import SliceDesign
+        from sentinel_vllm.audit import MIN_LABELS
+
+        with self._lock:
+            row = self._db.execute(
+                "SELECT p.plan, p.population, p.p_sum, p.p_sum2 FROM plans p WHERE p.slice = ? AND "
+                "(SELECT count(label) FROM plan_draws d WHERE d.plan = p.plan) >= ? "
+                "ORDER BY p.plan DESC LIMIT 1", (slice_label, MIN_LABELS)).fetchone()
+            if row is None:
+                return None
+            draws = self._db.execute("SELECT id, q, p, label FROM plan_draws WHERE plan = ? "
+                                     "ORDER BY draw", (row[0],)).fetchall()
+        labels = {d[0]: bool(d[3]) for d in draws if d[3] is not None}
+        return SliceDesign(int(row[1]), row[2], row[3], [d[:3] for d in draws]), labels
+
+    def suggest(self, slice_label: str, n: int, seed: int) -> dict:
+        """Draw ``n`` of the slice's responses (:func:`sentinel_vllm.active_audit.suggest`) and
+        record the design: the answer of ``GET /sentinel/labels/suggest``.
+
+        Raises
+        ------
+        LookupError
+            The store holds no response of the slice.
+        """
+        from sentinel_vllm.active_audit import ETA, METHOD, suggest
+
+        def fn(db):
+            rows = db.execute("SELECT id, p_correct, t, label FROM responses WHERE slice = ? "
+                              "ORDER BY rowid", (slice_label,)).fetchall()
+            if not rows:
+                raise LookupError(f"the audit store holds no response of slice {slice_label!r}")
+            p = np.array([r[1] for r in rows], dtype=np.float64)
+            q, drawn = suggest([r[0] for r in rows], p, n, np.random.default_rng(seed))
+            t = [r[2] for r in rows]
+            plan = db.execute(
+                "INSERT INTO plans (slice, created, n, seed, eta, population, p_sum, p_sum2, t_from, "
+                "t_to) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (slice_label, self._clock(), int(n), int(seed), ETA, len(rows), float(p.sum()),
+                 float((p * p).sum()), min(t), max(t))).lastrowid
+            db.executemany("INSERT INTO plan_draws (plan, draw, id, q, p, label) VALUES (?, ?, ?, ?, ?, ?)",
+                           [(plan, k, rows[j][0], float(q[j]), float(p[j]), rows[j][3])
+                            for k, j in enumerate(drawn)])
+            return {"plan": plan, "slice": slice_label, "n": int(n), "ids": [rows[j][0] for j in drawn],
+                    "population": len(rows), "window": [min(t), max(t)], "method": METHOD,
+                    "eta": ETA, "seed": int(seed)}
+        return self._write(fn)
 
 
 class ServingAudit:
@@ -314,6 +403,10 @@ class ServingAudit:
                 "unknown": len(res.unknown), "unknown_ids": res.unknown[:MAX_UNKNOWN_LISTED],
                 "slices": [e.as_dict() for e in estimates]}
 
+    async def suggest(self, slice_label: str, n: int, seed: int) -> dict:
+        """:meth:`AuditStore.suggest` in the store's thread (raises what it raises)."""
+        return await self._run(self.store.suggest, slice_label, n, seed)
+
     async def refresh(self) -> None:
         """Recompute every slice's gauges when the store changed (before a scrape)."""
         try:
@@ -353,7 +446,8 @@ class ServingAudit:
             if self._seen.get(s) == summary[s]:
                 continue
             n, k = summary[s][:2]
-            out.append(self.store.audit(s) if k >= MIN_LABELS
+            planned = summary[s][5] is not None and summary[s][5][1] >= MIN_LABELS
+            out.append(self.store.audit(s) if k >= MIN_LABELS or planned
                        else AuditEstimate(s, n, k, *[nan] * 10))
             self._seen[s] = summary[s]
         return out, gone

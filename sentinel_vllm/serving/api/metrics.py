@@ -3,7 +3,9 @@
 Every scored response adds its P(correct) to its slice's sliding window (bounded
 both by count and by age); the slice's estimated accuracy is the window mean
 (docs/method.md "Aggregation"; arXiv 2601.09001 Sec. 3.4), with the 95% interval of
-:func:`sentinel_vllm.aggregate.estimate_accuracy`. A slice whose estimate falls
+:func:`sentinel_vllm.aggregate.estimate_accuracy`: the band of the sentinel file
+(``q + 1.96 * se``, the sentinel's own error on held-out units plus sampling noise), or
+the sampling part alone for a file without one. A slice whose estimate falls
 more than ``drift_margin`` below its baseline accuracy raises the drift gauge.
 
 Fleet-wide series (counters, which Prometheus sums across API-server processes,
@@ -17,18 +19,21 @@ name                                        type       meaning
                                                        response (``_sum``, ``_count``)
 ``sentinel_p_correct_variance_total``       counter    sum of p(1 - p) (Poisson-
                                                        binomial variance numerator)
+``sentinel_band_shift_halfwidth``           gauge      the band's ``q`` (constant;
+                                                       label ``interval``: ``band``,
+                                                       or ``sampling`` with 0)
 ==========================================  =========  ===========================
 
 so that over any interval the fleet estimate of a slice is
 ``sum(rate(sentinel_p_correct_sum)) / sum(rate(sentinel_p_correct_count))`` and its
-95% interval half-width ``1.96 * sqrt(sum(increase(variance))) / sum(increase(count))``
+95% interval half-width ``q + 1.96 * sqrt(sum(increase(variance))) / sum(increase(count))``
 (the recording and alerting rules in ``deploy/monitoring/``).
 
 Per-process series (labels ``model``, ``sentinel``, ``replica``):
 
 ==========================================  =========  ===========================
 ``sentinel_estimated_accuracy``             gauge      slice (window mean)
-``sentinel_estimated_accuracy_ci_low``      gauge      slice
+``sentinel_estimated_accuracy_ci_low``      gauge      slice (the band's bounds)
 ``sentinel_estimated_accuracy_ci_high``     gauge      slice
 ``sentinel_window_responses``               gauge      slice
 ``sentinel_drift_alert``                    gauge 0/1  slice
@@ -236,6 +241,9 @@ class SentinelMetrics:
         Responses kept per slice window.
     window_seconds : float or None, default 3600
         Age limit of the window in seconds (None: count only).
+    band : dict, optional
+        The sentinel file's ``band`` metadata; None: the interval gauges are the
+        sampling interval and ``sentinel_band_shift_halfwidth`` says ``interval="sampling"``.
     baseline : mapping or path, optional
         Baseline accuracy per slice (:func:`load_baseline`).
     drift_margin : float, default 0.05
@@ -258,6 +266,7 @@ class SentinelMetrics:
         max_slices: int = 32,
         window_count: int = 1000,
         window_seconds: float | None = 3600.0,
+        band=None,
         baseline=None,
         drift_margin: float = 0.05,
         min_samples: int = 20,
@@ -266,6 +275,9 @@ class SentinelMetrics:
     ):
         from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
+        from sentinel_vllm.aggregate import check_band, interval_kind
+
+        self.band = None if band is None else check_band(band)
         if not 0 <= drift_margin <= 1:
             raise ValueError(f"drift_margin must be in [0, 1], got {drift_margin}")
         self.labeler = SliceLabeler(slices, max_slices=max_slices)
@@ -289,8 +301,10 @@ class SentinelMetrics:
         self.g_acc = self.g_lo = self.g_hi = self.g_n = self.g_drift = None
         if not self.multiprocess:
             self.g_acc = gauge("sentinel_estimated_accuracy", "Mean P(correct) over the slice window")
-            self.g_lo = gauge("sentinel_estimated_accuracy_ci_low", "95% interval, lower bound")
-            self.g_hi = gauge("sentinel_estimated_accuracy_ci_high", "95% interval, upper bound")
+            self.g_lo = gauge("sentinel_estimated_accuracy_ci_low",
+                              "95% interval of the true accuracy (band), lower bound")
+            self.g_hi = gauge("sentinel_estimated_accuracy_ci_high",
+                              "95% interval of the true accuracy (band), upper bound")
             self.g_n = gauge("sentinel_window_responses", "Responses in the slice window")
             self.g_drift = gauge("sentinel_drift_alert", "1 if estimate < baseline - margin")
         self.g_base = gauge("sentinel_baseline_accuracy", "Configured baseline accuracy", "max")
@@ -312,6 +326,13 @@ class SentinelMetrics:
         self.c_var = Counter("sentinel_p_correct_variance",
                              "Sum of p_correct * (1 - p_correct) over scored responses", fleet,
                              registry=reg)
+        g_shift = Gauge("sentinel_band_shift_halfwidth",
+                        "The band's q: the sentinel's own error on held-out units "
+                        "(0: sampling only)",
+                        ["model_name", "sentinel", "interval"], registry=reg,
+                        multiprocess_mode="max")
+        g_shift.labels(**self._fleet, interval=interval_kind(self.band)).set(
+            0.0 if self.band is None else float(self.band["q"]))
         for name, value in self.baseline.items():
             if name != "*":
                 self.g_base.labels(**self._base, slice=name).set(value)
@@ -353,7 +374,7 @@ class SentinelMetrics:
         with self._lock:
             win = self._windows.get(slice_label)
             values = win.values() if win is not None else np.empty(0)
-        return estimate_accuracy(values)
+        return estimate_accuracy(values, band=self.band)
 
     def baseline_for(self, slice_label: str) -> float | None:
         """Configured baseline of a slice (or the ``"*"`` default), else None."""

@@ -1,7 +1,8 @@
 """The API-server side of the sentinel: an ASGI middleware on vLLM's OpenAI app.
 
-``sentinel-vllm serve`` adds it with vLLM's own ``--middleware`` option; users who
-launch vLLM themselves can do the same (see ``sentinel_vllm/serving/README.md``)::
+The endpoint plugin (:mod:`~sentinel_vllm.serving.api.plugin`) adds it to the app of plain
+``vllm serve`` and of ``sentinel-vllm serve`` when ``--additional-config`` has the
+``"sentinel"`` key; vLLM's own ``--middleware`` option works too (docs/serving.md)::
 
     SENTINEL_VLLM_SENTINEL=s.onnx vllm serve MODEL \\
         --logits-processors <processor class> \\
@@ -32,8 +33,9 @@ the slice label is claimed only once vLLM answered 200; a 4xx answer causes no
 engine RPC.
 
 It also answers ``GET /sentinel/stats`` (the worker's ``sentinel_stats``, rank 0) and
-``POST /sentinel/labels`` (human labels by block id: :mod:`~sentinel_vllm.serving.api.labels`),
-both behind the API key like vLLM's ``/v1`` routes, and refreshes the window and
+``POST /sentinel/labels`` (human labels by block id: :mod:`~sentinel_vllm.serving.api.labels`)
+and ``GET /sentinel/labels/suggest`` (which ids to label: :mod:`~sentinel_vllm.serving.api.suggest`),
+all behind the API key like vLLM's ``/v1`` routes, and refreshes the window and
 audit gauges before each ``GET /metrics`` scrape.
 """
 
@@ -57,6 +59,7 @@ from sentinel_vllm.serving.api.response import (
 )
 from sentinel_vllm.serving.api.rewriter import ResponseRewriter
 from sentinel_vllm.serving.api.scoring import SentinelScorer, error_block
+from sentinel_vllm.serving.api.suggest import SUGGEST_PATH, handle_suggest
 from sentinel_vllm.serving.contract import (
     CONFIG_ENV,
     RPC_STATS,
@@ -65,7 +68,7 @@ from sentinel_vllm.serving.contract import (
     merge_answers,
 )
 
-__all__ = ["ServerConfig", "SentinelMiddleware", "CONFIG_ENV"]
+__all__ = ["CONFIG_ENV", "SentinelMiddleware", "ServerConfig"]
 
 log = logging.getLogger("sentinel_vllm.serving")
 MULTI_PROMPT = "the sentinel scores one prompt per /v1/completions request"
@@ -171,7 +174,8 @@ class _State:
                 pass
         model = _served_name(mc)
         factory = mw.metrics_factory or SentinelMetrics
-        self.metrics = factory(model=model, sentinel_id=mw.scorer.id, **metrics_options(cfg))
+        self.metrics = factory(model=model, sentinel_id=mw.scorer.id, band=mw.scorer.band,
+                               **metrics_options(cfg))
 
         self.rpc = rpc = engine_rpc(engine)  # every engine's workers (data parallel)
         self.audit = ServingAudit.open(cfg, self.metrics)  # None when the store failed (logged)
@@ -231,11 +235,13 @@ class SentinelMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, method = scope.get("path", ""), scope.get("method", "GET")
-        if (method, path) == ("GET", "/sentinel/stats") or path == LABELS_PATH:
+        if (method, path) == ("GET", "/sentinel/stats") or path in (LABELS_PATH, SUGGEST_PATH):
             if not self._authorized(scope):
                 return await send_json(send, 401, {"error": "Unauthorized"})
             if path == LABELS_PATH:  # 405 but for POST
                 return await handle_labels(lambda: self.state(scope).audit, receive, send, method)
+            if path == SUGGEST_PATH:  # 405 but for GET
+                return await handle_suggest(lambda: self.state(scope).audit, scope, send)
             return await self._stats(scope, send)
         if method == "POST" and path in SENTINEL_PATHS and self._authorized(scope):
             return await self._tracked(scope, receive, send)

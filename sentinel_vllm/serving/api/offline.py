@@ -27,6 +27,7 @@ from sentinel_vllm.serving.contract import (
     XARG_ID,
     XARG_N,
     merge_answers,
+    offline_additional_config,
     vllm_launch_kwargs,
 )
 
@@ -72,7 +73,8 @@ class LLM:
         self.scorer = SentinelScorer.from_path(sentinel)
         launch = vllm_launch_kwargs(
             self.scorer.needed_series, logits_processors=vllm_kwargs.pop("logits_processors", None),
-            additional_config=vllm_kwargs.pop("additional_config", None),
+            additional_config=offline_additional_config(
+                vllm_kwargs.pop("additional_config", None)),
             worker_extension_cls=vllm_kwargs.pop("worker_extension_cls", None))
         from vllm import LLM as VllmLLM
 

@@ -138,6 +138,8 @@ class SentinelScorer:
         The series of the 11 statistics (and of ``length``).
     needed_series : tuple of str
         Every series the worker must record for this sentinel.
+    band : dict or None
+        The file's ``band`` metadata (the interval of the slice gauges).
     """
 
     def __init__(self, sentinel, *, vocab_size: int | None = None):
@@ -156,6 +158,8 @@ class SentinelScorer:
         self.series = spec.series
         self.needed_series = spec.needed_series
         self.vocab_size = vocab_size
+        #: the file's 95% band of the true accuracy (sentinel_vllm/band.py); None: sampling only
+        self.band = meta.get("band")
 
     @classmethod
     def from_path(cls, path, *, vocab_size: int | None = None) -> "SentinelScorer":

@@ -269,10 +269,19 @@ class SlotTracker:
             self.counters["failed"] = 1
 
     def _slot_tensor(self, slots):
+        """Slot indices as a LongTensor on the state's device.
+
+        On CUDA the copy is pinned and non-blocking: a pageable host-to-device
+        copy waits for the stream (a host synchronisation at every request
+        admission, issue 19).
+        """
         import torch
 
-        device = getattr(self.state, "device", None) or "cpu"
-        return torch.as_tensor(list(slots), dtype=torch.long).to(device)
+        device = torch.device(getattr(self.state, "device", None) or "cpu")
+        t = torch.as_tensor(list(slots), dtype=torch.long)
+        if device.type != "cuda":
+            return t.to(device)
+        return t.pin_memory().to(device, non_blocking=True)
 
     # ------------------------------------------------------------ result side
 

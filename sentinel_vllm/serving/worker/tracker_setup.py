@@ -41,6 +41,12 @@ def tracker_config(vllm_config: Any) -> dict:
     ``min(max_model_len, 32768)``), ``num_slots`` (``SENTINEL_NUM_SLOTS``,
     default ``2 * max_num_seqs``), ``park_timeout_s`` (``SENTINEL_PARK_TIMEOUT_S``,
     default 600), ``backend`` (``SENTINEL_BACKEND``, default ``auto``).
+
+    Raises
+    ------
+    ValueError
+        A value that does not convert (or an unknown series name), naming the key or
+        variable: the engine does not start.
     """
     import os
 
@@ -48,11 +54,14 @@ def tracker_config(vllm_config: Any) -> dict:
     cfg = dict(extra.get(ADDITIONAL_CONFIG_KEY, {})) if isinstance(extra, dict) else {}
 
     def get(key, env, default, conv):
-        if key in cfg:
-            return conv(cfg[key])
-        if os.environ.get(env):
-            return conv(os.environ[env])
-        return default
+        where, raw = (f'additional_config["{ADDITIONAL_CONFIG_KEY}"]["{key}"]', cfg.get(key)) \
+            if key in cfg else (f"${env}", os.environ.get(env))
+        if not raw and raw != 0:
+            return default
+        try:
+            return conv(raw)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"sentinel worker setting {where}={raw!r}: {exc}") from exc
 
     max_model_len = (
         getattr(getattr(vllm_config, "model_config", None), "max_model_len", 4096) or 4096
@@ -60,7 +69,7 @@ def tracker_config(vllm_config: Any) -> dict:
     max_seqs = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", 256) or 256
 
     return {
-        "series": get("series", SERIES_ENV, DEFAULT_SERIES, split_series),
+        "series": get("series", SERIES_ENV, DEFAULT_SERIES, _series),
         "max_steps": get("max_steps", "SENTINEL_MAX_STEPS", min(int(max_model_len), 32768), int),
         "num_slots": get("num_slots", "SENTINEL_NUM_SLOTS", 2 * int(max_seqs), int),
         "park_timeout_s": get(
@@ -68,6 +77,17 @@ def tracker_config(vllm_config: Any) -> dict:
         ),
         "backend": get("backend", "SENTINEL_BACKEND", "auto", str),
     }
+
+
+def _series(value) -> tuple[str, ...]:
+    from sentinel_vllm.series import is_series
+
+    names = split_series(value)
+    bad = [s for s in names if not is_series(s)]
+    if bad or not names:
+        raise ValueError(f"unknown entropy series {', '.join(map(repr, bad)) or '(none)'} "
+                         "(full, topK, topK_renorm)")
+    return names
 
 
 def make_tracker(vllm_config: Any, device: Any, **overrides) -> SlotTracker | None:
