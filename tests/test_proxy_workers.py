@@ -62,12 +62,12 @@ def test_two_workers_blocks_and_merged_metrics(tmp_path):
     up = FakeUpstream()
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), PROMETHEUS_MULTIPROC_DIR=str(prom))
-    log = open(tmp_path / "proxy.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sentinel_vllm", "proxy", "--upstream", up.url, "--sentinel",
-         str(sentinel), "--port", str(port), "--workers", "2", "--log-level", "warning",
-         "--sentinel-slices", "a", "--model-label", "fake"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(tmp_path / "proxy.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sentinel_vllm", "proxy", "--upstream", up.url, "--sentinel",
+             str(sentinel), "--port", str(port), "--workers", "2", "--log-level", "warning",
+             "--sentinel-slices", "a", "--model-label", "fake"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -102,5 +102,4 @@ def test_two_workers_blocks_and_merged_metrics(tmp_path):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(30)
-        log.close()
         up.stop()
