@@ -15,6 +15,13 @@ generator are separate processes on the same machine.
 
     python benchmarks/bench_proxy.py                       # fake upstream, JSON and stream
     python benchmarks/bench_proxy.py --requests 2000 --tokens 256
+    python benchmarks/bench_proxy.py --json --workers 2    # one JSON object (the headline keys)
+
+Each row is measured in ``--rounds`` rounds with the order of the three paths reversed
+every round, so a change in the machine's load falls on all of them alike. ``--json``
+prints the rows and, at the highest concurrency, ``proxy_cpu_ms_json``,
+``proxy_cpu_ms_stream`` (the proxy's CPU per response, all its processes) and
+``throughput_ratio_json``, ``throughput_ratio_stream`` (proxy over ``direct+lp``).
 """
 
 from __future__ import annotations
@@ -144,16 +151,15 @@ async def _one(client, url, body, stream):
     return time.perf_counter() - t0, ok
 
 
-async def load(url, body, stream, n, concurrency):
+async def load(url, body, stream, n, concurrency, warmup=8):
+    """``n`` requests, ``concurrency`` at a time: ``(latencies ms, wall s, status codes)``."""
     import httpx
 
     lat = []
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await asyncio.gather(
-            *[_one(client, url, body, stream) for _ in range(min(8, n))]
-        )  # warm up
+        await asyncio.gather(*[_one(client, url, body, stream) for _ in range(min(warmup, n))])
 
         async def task():
             async with sem:
@@ -162,22 +168,31 @@ async def load(url, body, stream, n, concurrency):
         t0 = time.perf_counter()
         await asyncio.gather(*[task() for _ in range(n)])
         wall = time.perf_counter() - t0
-    ms = np.array([x for x, _ in lat]) * 1e3
-    bad = sorted({code for _, code in lat if code != 200})
+    return [x * 1e3 for x, _ in lat], wall, [code for _, code in lat]
+
+
+def summary(ms, wall, codes, n_requests) -> dict:
+    ms = np.array(ms)
     return {
         "p50": float(np.percentile(ms, 50)),
         "p99": float(np.percentile(ms, 99)),
-        "rps": n / wall,
-        "failed": sum(code != 200 for _, code in lat),
-        "codes": bad,
+        "rps": n_requests / wall,
+        "failed": sum(code != 200 for code in codes),
+        "codes": sorted({code for code in codes if code != 200}),
     }
 
 
 def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as fh:
-        f = fh.read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds so far of a process and its children (``--workers N``)."""
+    try:
+        import psutil
+
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+    except ImportError:  # the process alone (Linux /proc)
+        with open(f"/proc/{pid}/stat") as fh:
+            f = fh.read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_sentinel(path):
@@ -223,10 +238,106 @@ def stop(proc):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+PATHS = ("direct", "direct+lp", "proxy")
+
+
+def measure(urls, base, mode, concurrency, n, rounds, proxy_pid) -> list[dict]:
+    """The three paths side by side: ``rounds`` rounds, the order reversed every other one
+    (A B C, C B A, ...), ``n / rounds`` requests per path and round; one row per path."""
+    stream = mode == "stream"
+    acc = {p: ([], 0.0, [], 0.0, 0) for p in PATHS}
+    per = max(n // rounds, 1)
+    for r in range(rounds):
+        for path in PATHS if r % 2 == 0 else PATHS[::-1]:
+            extra = {"logprobs": True, "top_logprobs": 20} if path == "direct+lp" else {}
+            body = dict(base, stream=stream, **extra)
+            c0 = cpu_s(proxy_pid)
+            ms, wall, codes = asyncio.run(
+                load(urls[path] + "/v1/chat/completions", body, stream, per, concurrency)
+            )
+            cpu = cpu_s(proxy_pid) - c0
+            a = acc[path]
+            acc[path] = (a[0] + ms, a[1] + wall, a[2] + codes, a[3] + cpu, a[4] + per + 8)
+    rows = []
+    for path in PATHS:
+        ms, wall, codes, cpu, sent = acc[path]
+        row = dict(mode=mode, concurrency=concurrency, path=path,
+                   **summary(ms, wall, codes, len(ms)))
+        row["proxy_cpu_ms"] = cpu * 1e3 / sent if path == "proxy" else None
+        rows.append(row)
+    return rows
+
+
+def start_servers(args, tmp, log) -> tuple[list, str, str, str]:
+    """Fake upstream (unless ``--upstream``) and proxy: ``(procs, upstream, proxy, sentinel id)``."""
+    procs = []
+    sentinel = os.path.join(tmp, "top20.onnx")
+    sid = make_sentinel(sentinel)
+    if args.upstream:
+        up = args.upstream.rstrip("/")
+    else:
+        port = free_port()
+        procs.append(start([sys.executable, __file__, "--serve-fake", str(port),
+                            "--tokens", str(args.tokens)], log))
+        up = f"http://127.0.0.1:{port}"
+        wait_http(up + "/health", procs[-1])
+    pport = free_port()
+    procs.append(start([sys.executable, "-m", "sentinel_vllm", "proxy", "--upstream", up,
+                        "--sentinel", sentinel, "--host", "127.0.0.1", "--port", str(pport),
+                        "--log-level", "warning", "--workers", str(args.workers)], log))
+    proxy = f"http://127.0.0.1:{pport}"
+    wait_http(proxy + "/metrics", procs[-1])
+    return procs, up, proxy, sid
+
+
+def print_table(rows, args, up, sid) -> None:
+    print(
+        f"# bench_proxy: {args.requests} requests per row, concurrency {args.concurrency}, "
+        f"{args.rounds} rounds (order alternated), proxy --workers {args.workers}, "
+        f"upstream {up if args.upstream else f'fake, {args.tokens} tokens x 20 alternatives'}; "
+        f"sentinel {sid}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}"
+    )
+    print("| mode | conc. | path | p50 ms | p99 ms | req/s | added p50 ms | req/s vs direct "
+          "| req/s vs direct+lp | proxy CPU ms/req | failed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        same = [x for x in rows if (x["mode"], x["concurrency"]) == (r["mode"], r["concurrency"])]
+        d, lp = (next(x for x in same if x["path"] == p) for p in ("direct", "direct+lp"))
+        cpu = f"{r['proxy_cpu_ms']:.1f}" if r["proxy_cpu_ms"] is not None else "-"
+        print(f"| {r['mode']} | {r['concurrency']} | {r['path']} | {r['p50']:.1f} | "
+              f"{r['p99']:.1f} | {r['rps']:.0f} | {r['p50'] - d['p50']:+.1f} | "
+              f"{r['rps'] / d['rps']:.2f} | {r['rps'] / lp['rps']:.2f} | {cpu} | "
+              f"{r['failed']}{' ' + str(r['codes']) if r['codes'] else ''} |")
+
+
+def headline(rows, args) -> dict:
+    """The issue's figures at the highest concurrency: proxy CPU per response, and throughput
+    of the proxy over ``direct+lp`` (the same 20 alternatives, asked by the client itself)."""
+    top = max(args.concurrency)
+    out = {}
+    for mode in ("json", "stream"):
+        get = {r["path"]: r for r in rows if r["mode"] == mode and r["concurrency"] == top}
+        if "proxy" in get:
+            out[f"proxy_cpu_ms_{mode}"] = round(get["proxy"]["proxy_cpu_ms"], 3)
+            out[f"throughput_ratio_{mode}"] = round(get["proxy"]["rps"] / get["direct+lp"]["rps"],
+                                                    3)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=640, help="requests per row")
-    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=640,
+                    help="requests per row at concurrency > 1 (100 at concurrency 1)")
+    ap.add_argument("--concurrency", default="1,32",
+                    type=lambda v: sorted({int(x) for x in v.split(",")}),
+                    help="comma-separated concurrencies (default 1,32)")
+    ap.add_argument("--modes", default="json,stream", type=lambda v: v.split(","))
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds per row, the order of the three paths reversed each round")
+    ap.add_argument("--workers", type=int, default=1, help="proxy --workers")
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON object (rows and the headline figures)")
     ap.add_argument("--tokens", type=int, default=128, help="tokens per fake response")
     ap.add_argument("--upstream", default=None, help="a real server's root URL instead of the fake")
     ap.add_argument("--model", default="fake")
@@ -242,105 +353,37 @@ def main(argv=None) -> int:
             fake_app(args.tokens), host="127.0.0.1", port=args.serve_fake, log_level="warning"
         )
         return 0
-    procs = []
     tmp = tempfile.mkdtemp(prefix="bench_proxy_")
-    log = open(os.path.join(tmp, "servers.log"), "wb")
-    try:
-        sentinel = os.path.join(tmp, "top20.onnx")
-        sid = make_sentinel(sentinel)
-        if args.upstream:
-            up = args.upstream.rstrip("/")
-        else:
-            port = free_port()
-            procs.append(
-                start(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--serve-fake",
-                        str(port),
-                        "--tokens",
-                        str(args.tokens),
-                    ],
-                    log,
-                )
-            )
-            up = f"http://127.0.0.1:{port}"
-            wait_http(up + "/health", procs[-1])
-        pport = free_port()
-        procs.append(
-            start(
-                [
-                    sys.executable,
-                    "-m",
-                    "sentinel_vllm",
-                    "proxy",
-                    "--upstream",
-                    up,
-                    "--sentinel",
-                    sentinel,
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(pport),
-                    "--log-level",
-                    "warning",
-                ],
-                log,
-            )
-        )
-        proxy, proxy_proc = f"http://127.0.0.1:{pport}", procs[-1]
-        wait_http(proxy + "/metrics", procs[-1])
-        msg = [{"role": "user", "content": "What is 2 + 2?"}]
-        base = {
-            "model": args.model,
-            "messages": msg,
-            "max_tokens": args.max_tokens,
-            "temperature": 0.0,
-        }
-        rows = []
-        for stream in (False, True):
-            for name, url, extra in (
-                ("direct", up, {}),
-                ("direct+lp", up, {"logprobs": True, "top_logprobs": 20}),
-                ("proxy", proxy, {}),
-            ):
-                body = dict(base, stream=stream, **extra)
-                c0 = cpu_s(proxy_proc.pid)
-                r = asyncio.run(
-                    load(
-                        url + "/v1/chat/completions", body, stream, args.requests, args.concurrency
-                    )
-                )
-                r["proxy_cpu_ms"] = (cpu_s(proxy_proc.pid) - c0) * 1e3 / (args.requests + 8)
-                rows.append(("stream" if stream else "json", name, r))
-        print(
-            f"# bench_proxy: {args.requests} requests per row, concurrency {args.concurrency}, "
-            f"upstream {up if args.upstream else f'fake, {args.tokens} tokens x 20 alternatives'}; "
-            f"sentinel {sid}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-            f"python {platform.python_version()}"
-        )
-        print(
-            "| mode | path | p50 ms | p99 ms | req/s | added p50 ms | added p99 ms "
-            "| req/s vs direct "
-            "| proxy CPU ms/req | failed |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for mode, name, r in rows:
-            d = next(x for m, nm, x in rows if m == mode and nm == "direct")
-            cpu = f"{r['proxy_cpu_ms']:.1f}" if name == "proxy" else "-"
-            print(
-                f"| {mode} | {name} | {r['p50']:.1f} | {r['p99']:.1f} | {r['rps']:.0f} | "
-                f"{r['p50'] - d['p50']:+.1f} | {r['p99'] - d['p99']:+.1f} | "
-                f"{r['rps'] / d['rps']:.2f} | "
-                f"{cpu} | {r['failed']}{' ' + str(r['codes']) if r['codes'] else ''} |"
-            )
-    finally:
-        for p in reversed(procs):
-            stop(p)
-        log.close()
+    with open(os.path.join(tmp, "servers.log"), "wb") as log:
+        procs = []
+        try:
+            procs, up, proxy, sid = start_servers(args, tmp, log)
+            rows = run_rows(args, up, proxy, procs[-1].pid)
+        finally:
+            for p in reversed(procs):
+                stop(p)
+    if args.json:
+        print(json.dumps({
+            **headline(rows["rows"], args),
+            "workers": args.workers, "tokens": args.tokens, "requests": args.requests,
+            "rounds": args.rounds, "cpus": os.cpu_count(), "loadavg_1m": rows["loadavg_1m"],
+            "rows": rows["rows"],
+        }))
+    else:
+        print_table(rows["rows"], args, up, sid)
     return 0
 
+
+def run_rows(args, up, proxy, proxy_pid) -> dict:
+    base = {"model": args.model, "messages": [{"role": "user", "content": "What is 2 + 2?"}],
+            "max_tokens": args.max_tokens, "temperature": 0.0}
+    urls = {"direct": up, "direct+lp": up, "proxy": proxy}
+    load0, rows = os.getloadavg(), []
+    for mode in args.modes:
+        for conc in args.concurrency:
+            n = args.requests if conc > 1 else min(args.requests, 100)
+            rows += measure(urls, base, mode, conc, n, args.rounds, proxy_pid)
+    return {"rows": rows, "loadavg_1m": [round(load0[0], 2), round(os.getloadavg()[0], 2)]}
 
 if __name__ == "__main__":
     sys.exit(main())

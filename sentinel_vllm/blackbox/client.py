@@ -213,7 +213,9 @@ class TopLogprobsScorer:
                 f"short_steps must be one of {SHORT_STEPS_POLICIES}, got {short_steps!r}"
             )
         if not hasattr(sentinel, "p_correct"):
-            sentinel = load_sentinel(sentinel)
+            # one onnxruntime thread: a pool's threads spin after each call, ~2 ms of CPU per
+            # response on a 2-core machine (a fraction of a ms of work)
+            sentinel = load_sentinel(sentinel, intra_op_num_threads=1)
         self.scorer = SentinelScorer(sentinel)
         self.id = self.scorer.id
         if self.scorer.entropy == "full":
@@ -263,6 +265,12 @@ class TopLogprobsScorer:
         """:meth:`score` for already extracted choices (one onnxruntime call for all)."""
         out, trajs = {}, {}
         for i, c in choices.items():
+            if c.overflow:
+                out[i] = self._error(
+                    f"choice {i}: more than {c.overflow} generated tokens, the most whose "
+                    "alternatives are kept (max_steps; the proxy's --max-steps): not scored",
+                    "unsupported", slice_label)
+                continue
             try:
                 trajs[i] = trajectory(
                     c, self.k, short_steps=self.short_steps, renormalize=self.renormalize

@@ -32,12 +32,16 @@ class ChoiceLogprobs:
     present : bool
         False if no ``logprobs`` object was seen for this choice.
     finish_reason : str or None
+    overflow : int
+        0, or the cap (``max_steps`` of :func:`add_choice`) the choice went past: its steps
+        are then dropped (memory stays bounded) and it is not scored.
     """
 
     index: int
     steps: list[list[float]] = field(default_factory=list)
     present: bool = False
     finish_reason: str | None = None
+    overflow: int = 0
 
 
 def as_dict(obj) -> Any:
@@ -70,29 +74,40 @@ def _step_values(entry) -> list[float] | None:
     return [a["logprob"] if type(a) is dict else a for a in top]
 
 
-def add_choice(acc: dict[int, ChoiceLogprobs], choice: Mapping, pos: int) -> None:
-    """Fold one response or chunk choice into ``acc`` (per index; steps appended in order)."""
+def add_choice(
+    acc: dict[int, ChoiceLogprobs], choice: Mapping, pos: int, max_steps: int | None = None
+) -> ChoiceLogprobs:
+    """Fold one response or chunk choice into ``acc`` (per index; steps appended in order).
+
+    ``max_steps``: a choice that would hold more steps is marked ``overflow`` and its steps
+    are dropped (the proxy's bound on what one response may make it keep). Returns the
+    choice's entry in ``acc``.
+    """
     idx = int(choice.get("index", pos) or 0)
-    c = acc.setdefault(idx, ChoiceLogprobs(idx))
+    c = acc.get(idx)
+    if c is None:
+        c = acc[idx] = ChoiceLogprobs(idx)
     if choice.get("finish_reason") is not None:
         c.finish_reason = choice["finish_reason"]
     lp = choice.get("logprobs")
     if not isinstance(lp, dict):
-        return
+        return c
     if isinstance(lp.get("content"), list) or "content" in lp:  # chat
         c.present = True
         for entry in lp.get("content") or ():
             vals = _step_values(entry)
             if vals is not None:
                 c.steps.append(vals)
-        return
-    if "top_logprobs" in lp or "token_logprobs" in lp:  # completions
+    elif "top_logprobs" in lp or "token_logprobs" in lp:  # completions
         c.present = True
         tops = lp.get("top_logprobs")
         n = len(lp.get("tokens") or lp.get("token_logprobs") or tops or ())
         for t in range(n):
             step = tops[t] if tops is not None and t < len(tops) else None
             c.steps.append(list(step.values()) if isinstance(step, dict) else [])
+    if max_steps is not None and (c.overflow or len(c.steps) > max_steps):
+        c.overflow, c.steps = max_steps, []
+    return c
 
 
 def extract_choices(response) -> dict[int, ChoiceLogprobs]:

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import json
 
-# the SSE event splitter of the in-engine response rewriting (one definition)
-from sentinel_vllm.serving.api.response import _find_event_end as event_end
 from sentinel_vllm.serving.api.response import strip_client_keys
 from sentinel_vllm.serving.contract import XARG_OPT, XARG_SLICE
 
 __all__ = [
     "HOP_HEADERS",
+    "EventSplitter",
+    "EventTooLarge",
     "LogprobsAsk",
     "client_options",
     "dumps",
     "error_body",
-    "event_end",
     "loads",
+    "sse_error",
     "upstream_error",
 ]
 
@@ -52,6 +52,74 @@ except ImportError:  # pragma: no cover
 def error_body(status: int, message: str, kind: str) -> dict:
     """The OpenAI error envelope ``{"error": {"message", "type", "code"}}``."""
     return {"error": {"message": message, "type": kind, "code": status}}
+
+
+def sse_error(status: int, message: str, kind: str) -> bytes:
+    """The ``event: error`` that ends a stream the proxy cannot finish (OpenAI error envelope)."""
+    return b"event: error\ndata: " + dumps(error_body(status, message, kind)) + b"\n\n"
+
+
+class EventTooLarge(ValueError):
+    """An SSE event (bytes without an event separator) longer than the bound."""
+
+
+class EventSplitter:
+    """SSE events out of the reads of a stream, each byte scanned once.
+
+    Separators are ``\\n\\n``, ``\\r\\n\\r\\n`` and ``\\r\\r`` (the first one found
+    ends an event), as in the in-engine rewriting. The pending bytes of an unfinished
+    event are bounded by ``max_event_bytes`` (:class:`EventTooLarge` beyond it), so a
+    stream that never ends an event cannot grow the proxy's memory.
+    """
+
+    SEPS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+
+    def __init__(self, max_event_bytes: int):
+        self.max_event_bytes = int(max_event_bytes)
+        self._buf = bytearray()
+        self._cr = False  # a \r was seen: the three separators are searched, else only \n\n
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The events completed by ``data`` (without their separator), in order."""
+        buf = self._buf
+        self._cr = self._cr or b"\r" in data
+        if not buf and not self._cr:  # the usual read: whole events, split in C
+            *events, rest = data.split(b"\n\n")
+            buf += rest
+            self._check(buf)
+            return events
+        start = max(len(buf) - 3, 0)  # a separator may straddle the previous read
+        buf += data
+        events, begin = [], 0
+        if not self._cr:
+            while (i := buf.find(b"\n\n", start)) >= 0:
+                events.append(bytes(buf[begin:i]))
+                begin = start = i + 2
+        else:
+            nxt = {sep: buf.find(sep, start) for sep in self.SEPS}
+            while True:
+                found = [(i, len(sep)) for sep, i in nxt.items() if i >= 0]
+                if not found:
+                    break
+                i, n = min(found)
+                events.append(bytes(buf[begin:i]))
+                begin = start = i + n
+                for sep, j in nxt.items():  # only those now behind us are searched again
+                    if 0 <= j < start:
+                        nxt[sep] = buf.find(sep, start)
+        if begin:
+            del buf[:begin]
+        self._check(buf)
+        return events
+
+    def _check(self, buf: bytearray) -> None:
+        if len(buf) > self.max_event_bytes:
+            raise EventTooLarge(f"an upstream event is longer than {self.max_event_bytes} bytes")
+
+    def rest(self) -> bytes:
+        """The bytes after the last separator (the end of a stream without a final one)."""
+        rest, self._buf = bytes(self._buf), bytearray()
+        return rest
 
 
 def upstream_error(exc) -> tuple[int, str, str]:
@@ -91,6 +159,11 @@ class LogprobsAsk:
             body["logprobs"] = max(self.client_top, want)
         self.want = want
         self.stream = body.get("stream") is True
+        prompt = body.get("prompt")
+        prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(
+            prompt[0], int) else 1
+        #: choices the answer may carry (n per prompt): the proxy keeps alternatives for no more
+        self.max_choices = max(self.n, 1) * max(prompts, 1)
 
     def strip(self, choice: dict) -> bool:
         """Make ``choice``'s logprobs what the client asked for; True if changed."""

@@ -44,6 +44,19 @@ def add_parser(sub):
         help="upstream read timeout in seconds (also between stream chunks); 504 past it",
     )
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S")
+    p.add_argument("--deadline", type=float, default=1800.0, metavar="S",
+                   help="whole-request limit in seconds (default 1800): the answer or stream "
+                        "ends then (504, or an SSE error event), however the upstream paces it")
+    p.add_argument("--max-response-bytes", type=int, default=64 << 20, metavar="N",
+                   help="largest JSON body taken from the upstream (default 64 MiB; 502 beyond, "
+                        "never held whole) and largest unfinished event of a stream")
+    p.add_argument("--max-steps", type=int, default=65536, metavar="N",
+                   help="generated tokens whose alternatives are kept per choice (default 65536); "
+                        "a longer choice is relayed, its block says why it is not scored")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="proxy processes sharing the port (default 1); their metrics are merged "
+                        "(prometheus-client multiprocess mode, in $PROMETHEUS_MULTIPROC_DIR or a "
+                        "temporary directory)")
     p.add_argument(
         "--k", type=int, default=None, help="top-k of the entropy (default: the sentinel's)"
     )
@@ -100,6 +113,9 @@ def build_config(args):
         api_key_env=args.api_key_env,
         timeout_s=args.timeout,
         connect_timeout_s=args.connect_timeout,
+        deadline_s=args.deadline,
+        max_response_bytes=args.max_response_bytes,
+        max_steps=args.max_steps,
         model_label=args.model_label,
         **metrics_args(args),
     )
@@ -125,22 +141,62 @@ def check_args(args) -> None:
                          "e.g. http://10.0.0.5:8000")
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: must be in 1..65535")
-    for name, value in (("--timeout", args.timeout), ("--connect-timeout", args.connect_timeout)):
+    for name, value in (("--timeout", args.timeout), ("--connect-timeout", args.connect_timeout),
+                        ("--deadline", args.deadline)):
         if not value > 0:
             raise ValueError(f"{name} {value}: must be > 0 seconds")
+    for name, value in (("--max-response-bytes", args.max_response_bytes),
+                        ("--max-steps", args.max_steps), ("--workers", args.workers)):
+        if value < 1:
+            raise ValueError(f"{name} {value}: must be >= 1")
 
 
 def run(args) -> int:
     import uvicorn
+    from prometheus_client import CollectorRegistry
 
     from sentinel_vllm.blackbox.proxy import build_app
 
     check_args(args)
-    app = build_app(build_config(args))  # ValueError (bad sentinel, unset key var) -> exit 1
+    config = build_config(args)
+    # ValueError (bad sentinel, unset key var) -> exit 1; with --workers N each process builds
+    # its own app: this one only checks the config (its own registry: no metrics files)
+    app = build_app(config, registry=CollectorRegistry() if args.workers > 1 else None)
     print(
         f"sentinel-vllm proxy: {app.state.scorer.id} (top-{app.state.scorer.k}) in front of "
-        f"{args.upstream}, listening on {args.host}:{args.port}",
+        f"{args.upstream}, listening on {args.host}:{args.port}"
+        + (f", {args.workers} processes" if args.workers > 1 else ""),
         file=sys.stderr,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    if args.workers == 1:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        return 0
+    return run_workers(config, args)
+
+
+def run_workers(config, args) -> int:
+    """``--workers N``: N uvicorn processes on one port, metrics merged through one directory.
+
+    The workers are spawned fresh (uvicorn's supervisor), read the config from
+    ``$SENTINEL_PROXY_CONFIG`` and share ``$PROMETHEUS_MULTIPROC_DIR`` (a new temporary
+    directory, removed at exit, unless it is set)."""
+    import os
+    import shutil
+    import tempfile
+
+    import uvicorn
+
+    from sentinel_vllm.blackbox.proxy import CONFIG_ENV, config_to_env
+
+    made = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sentinel-proxy-")
+    os.environ[CONFIG_ENV] = config_to_env(config)
+    try:
+        uvicorn.run("sentinel_vllm.blackbox.proxy:app_from_env", factory=True,
+                    workers=args.workers, host=args.host, port=args.port,
+                    log_level=args.log_level)
+    finally:
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
     return 0
