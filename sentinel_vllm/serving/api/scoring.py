@@ -275,7 +275,8 @@ class SentinelScorer:
             raise _SampleError(f"all {nan_steps} decode steps had non-finite logits: no entropy "
                                "trajectory to score", "nonfinite")
         try:
-            row = self.spec.row(stats, n_steps, length_stop(finish_reason))
+            row = self.spec.row(stats, n_steps, length_stop(finish_reason),
+                                sampling=_sampling(s) if self.spec.needs_sampling else None)
         except FeatureInputError as exc:
             raise _SampleError(str(exc), "missing_series") from None
         return row, n_steps, nan_steps, bool(truncated)
@@ -300,6 +301,18 @@ class SentinelScorer:
             block["truncated"] = True
         mean_h = float(x[FEATURE_NAMES.index("mean")]) if n_steps > 0 else None
         return ScoredSample(block, None, p, mean_h)
+
+
+def _sampling(s: dict) -> tuple | None:
+    """``(temperature, top_p)`` of a sample's ``sampling`` object (None when absent)."""
+    v = s.get("sampling")
+    if v is None:
+        return None
+    try:
+        return tuple(None if v.get(k) is None else _number(v[k], float)
+                     for k in ("temperature", "top_p"))
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise FeatureInputError(f"malformed 'sampling' from the worker: {exc}"[:200]) from None
 
 
 def _number(v, kind):
