@@ -36,9 +36,11 @@ Groups
     series itself (``--entropy topk``) is refused: 11 duplicate columns.
 
 Serving computes a row from what the worker returns per finished sample (the 11
-statistics of every recorded series and ``n_steps``) and the choice's ``finish_reason``:
-sets made of ``stats``, ``length`` and ``topk`` are servable (:data:`SERVABLE`); ``tail``
-and ``logprob`` need per-step data the worker does not return.
+statistics of every recorded series, ``n_steps`` and the request's own ``temperature`` and
+``top_p``) and the choice's ``finish_reason``: sets made of ``stats``, ``length``, ``topk``
+and ``sampling`` are servable (:data:`SERVABLE`); ``tail`` and ``logprob`` need per-step
+data the worker does not return, and ``drawn`` a look-up of each drawn token the worker does
+not make yet (the black-box client computes it from a response's logprobs).
 
 One definition of a row
 -----------------------
@@ -84,6 +86,7 @@ __all__ = [
     "trace_sampling",
     "trace_drawn",
     "ARGMAX_TOL",
+    "DRAWN_K",
     "DRAWN_SERIES",
     "tail_features",
 ]
@@ -215,6 +218,8 @@ def drawn_steps(token_logprob: Sequence[float], is_argmax: Sequence[bool],
 
 #: The per-step series the ``drawn`` group reads the statistics of (:func:`drawn_steps`).
 DRAWN_SERIES = ("drawn_nll", "off_argmax")
+#: k of the bound ``lp_(k)`` of the ``drawn`` group (the kernel's top-k of a row).
+DRAWN_K = 20
 
 
 def drawn_features(nll_stats: Sequence[float], off_stats: Sequence[float]) -> np.ndarray:

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from synthetic import make_traces
 
 from sentinel_vllm.cli import main
 from sentinel_vllm.feature_sets import (
@@ -28,7 +29,6 @@ from sentinel_vllm.sentinel_file import load_sentinel
 from sentinel_vllm.serving.api.scoring import SentinelScorer
 from sentinel_vllm.serving.worker.tracker import SlotTracker, sampling_of
 from sentinel_vllm.traces import MissingSeriesError, Trace, read_traces, write_traces
-from synthetic import make_traces
 
 
 def _h1(lp):
@@ -224,3 +224,40 @@ def test_temperature_sentinel_scores_in_score_and_serving(sampled_sentinel, tmp_
     assert "temperature and top_p" in r[0].block["error"]
     assert "malformed 'sampling'" in r[1].block["error"]
     assert "temperature must be" in r[2].block["error"]
+
+
+def test_proxy_scores_sampling_and_drawn_from_top_logprobs(tmp_path):
+    """The black-box path: top-20 entropy, the drawn token's own logprob from the response,
+    the request's temperature; the same row as the trace definition gives by hand."""
+    from openai_fixtures import chat_response, choice_steps
+
+    from sentinel_vllm.blackbox.client import TopLogprobsScorer, request_sampling, trajectories
+
+    write_traces(tmp_path / "t.jsonl", _sampled_traces(30, seed=6))
+    path = tmp_path / "s.onnx"
+    assert main(["train", str(tmp_path / "t.jsonl"), "--entropy", "topk", "--feature-set",
+                 "paper+length+sampling", "--out", str(path)]) == 0
+    sc = TopLogprobsScorer(path)
+    steps = choice_steps(3, 7, 20)
+    resp = chat_response([steps])
+    content = resp["choices"][0]["logprobs"]["content"]
+    for t in (1, 4):  # two steps drew the third-largest alternative
+        content[t]["logprob"] = content[t]["top_logprobs"][2]["logprob"]
+    body = {"temperature": 0.7, "messages": []}
+    assert request_sampling(body) == {"temperature": 0.7, "top_p": None}
+    assert request_sampling({"messages": []}) is None
+    block = sc.blocks(resp, "s", request_sampling(body))[0]
+    lp = [float(s[2] if t in (1, 4) else s[0]) for t, s in enumerate(steps)]
+    nll = -np.array(lp[:-1])
+    x = np.concatenate([
+        compute_features_batch(trajectories(resp)[0].entropy[None], [7])[0],
+        [math.log(8), 0.0, 0.7, 1.0],
+        [nll.mean(), np.quantile(nll, 0.9), nll.max(), 2 / 6],
+    ])
+    got = np.array(list(block["features"].values()))
+    np.testing.assert_allclose(got, x, rtol=0, atol=1e-12)
+    assert block["p_correct"] == pytest.approx(load_sentinel(path).p_correct(x[None])[0],
+                                               abs=1e-12)
+    # a request that did not set its temperature: an error block, not a guess
+    bad = sc.blocks(resp, "s")[0]
+    assert bad["reason"] == "missing_series" and "temperature" in bad["error"]

@@ -32,10 +32,14 @@ class ChoiceLogprobs:
     present : bool
         False if no ``logprobs`` object was seen for this choice.
     finish_reason : str or None
+    chosen : list of float or None
+        Per generated token, the drawn token's own logprob (chat ``content[t].logprob``,
+        completions ``token_logprobs[t]``); None where the response has none.
     """
 
     index: int
     steps: list[list[float]] = field(default_factory=list)
+    chosen: list[float | None] = field(default_factory=list)
     present: bool = False
     finish_reason: str | None = None
 
@@ -85,14 +89,17 @@ def add_choice(acc: dict[int, ChoiceLogprobs], choice: Mapping, pos: int) -> Non
             vals = _step_values(entry)
             if vals is not None:
                 c.steps.append(vals)
+                c.chosen.append(entry.get("logprob"))
         return
     if "top_logprobs" in lp or "token_logprobs" in lp:  # completions
         c.present = True
         tops = lp.get("top_logprobs")
+        own = lp.get("token_logprobs") or ()
         n = len(lp.get("tokens") or lp.get("token_logprobs") or tops or ())
         for t in range(n):
             step = tops[t] if tops is not None and t < len(tops) else None
             c.steps.append(list(step.values()) if isinstance(step, dict) else [])
+            c.chosen.append(own[t] if t < len(own) else None)
 
 
 def extract_choices(response) -> dict[int, ChoiceLogprobs]:

@@ -41,7 +41,12 @@ import logging
 import os
 from dataclasses import dataclass
 
-from sentinel_vllm.blackbox.client import ChoiceLogprobs, TopLogprobsScorer, add_choice
+from sentinel_vllm.blackbox.client import (
+    ChoiceLogprobs,
+    TopLogprobsScorer,
+    add_choice,
+    request_sampling,
+)
 from sentinel_vllm.blackbox.rewrite import (
     HOP_HEADERS,
     LogprobsAsk,
@@ -246,7 +251,7 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
             )
         headers = back_headers(resp, True)
         if ctype.startswith("text/event-stream"):
-            return StreamingResponse(_sse(resp, ask, raw_slice), status_code=200, headers=headers)
+            return StreamingResponse(_sse(resp, ask, raw_slice, request_sampling(body)), status_code=200, headers=headers)
         try:
             data = await resp.aread()
         except httpx.HTTPError as exc:
@@ -264,7 +269,8 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
             return Response(data, status_code=200, headers=headers)
         label = metrics.label_slice(raw_slice)
         try:
-            scored = await anyio.to_thread.run_sync(scorer.score, obj, label)
+            scored = await anyio.to_thread.run_sync(scorer.score, obj, label,
+                                                    request_sampling(body))
             record(scored, label)
             blocks = {i: s.block for i, s in scored.items()}
             for c in obj["choices"]:
@@ -289,7 +295,7 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
         finally:
             await resp.aclose()
 
-    async def _sse(resp, ask: LogprobsAsk, raw_slice):
+    async def _sse(resp, ask: LogprobsAsk, raw_slice, sampling=None):
         label = metrics.label_slice(raw_slice)
         acc: dict[int, ChoiceLogprobs] = {}
         buf = b""
@@ -302,25 +308,27 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
                     if cut < 0:
                         break
                     event, buf = buf[:cut], buf[cut + sep :]
-                    out.append(await _safe_rewrite(event, ask, acc, label) + b"\n\n")
+                    out.append(await _safe_rewrite(event, ask, acc, label, sampling) + b"\n\n")
                 if out:
                     yield b"".join(out)
             if buf.strip():
-                yield await _safe_rewrite(buf, ask, acc, label) + b"\n\n"
+                yield await _safe_rewrite(buf, ask, acc, label, sampling) + b"\n\n"
         except httpx.HTTPError as exc:
             yield b"event: error\ndata: " + dumps(error_body(*upstream_error(exc))) + b"\n\n"
         finally:
             await resp.aclose()
 
-    async def _safe_rewrite(event: bytes, ask: LogprobsAsk, acc: dict, label: str) -> bytes:
+    async def _safe_rewrite(event: bytes, ask: LogprobsAsk, acc: dict, label: str,
+                            sampling=None) -> bytes:
         try:
-            return await _rewrite(event, ask, acc, label)
+            return await _rewrite(event, ask, acc, label, sampling)
         except Exception:  # noqa: BLE001 (the event goes out as the upstream sent it)
             log.exception("sentinel stream rewrite")
             metrics.error("internal")
             return event
 
-    async def _rewrite(event: bytes, ask: LogprobsAsk, acc: dict, label: str) -> bytes:
+    async def _rewrite(event: bytes, ask: LogprobsAsk, acc: dict, label: str,
+                       sampling=None) -> bytes:
         lines = event.splitlines()
         payload = b"\n".join(ln[5:].lstrip(b" ") for ln in lines if ln.startswith(b"data:"))
         if not payload or payload.strip() == b"[DONE]":
@@ -342,7 +350,7 @@ def build_app(config: ProxyConfig, *, registry=None, transport=None):
                 finished[idx] = c
         if finished:
             done = {i: acc.pop(i) for i in finished if i in acc}
-            scored = await anyio.to_thread.run_sync(scorer.score_choices, done, label)
+            scored = await anyio.to_thread.run_sync(scorer.score_choices, done, label, sampling)
             record(scored, label)
             for i, c in finished.items():
                 block = (
