@@ -63,6 +63,8 @@ def test_drawn_features_by_hand():
     b = dict(zip(feature_names("paper+length+drawn"),
                  feature_set_matrix([bounded], "paper+length+drawn")[0]))
     assert b["drawn_nll_max"] == pytest.approx(1.5) and b["drawn_nll_mean"] == pytest.approx(0.7)
+    nll, _ = drawn_steps(LP, [True] * 4, [None, -1.5, float("nan"), None])  # no bound: as is
+    np.testing.assert_allclose(nll, [0.1, 1.5, 0.5], rtol=0, atol=1e-15)
     # one step: nothing observed -> zeros; none at all -> zeros
     one = Trace("q/1", "q", True, {"full": [0.3], "top1": [0.1]}, 20,
                 {"finish_reason": "stop", "token_logprob": [-0.2]})
