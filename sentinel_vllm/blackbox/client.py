@@ -42,6 +42,11 @@ Rules
   outside the top k, the k-th largest alternative is dropped. Greedy decoding never
   hits this; for sampled traffic ask for ``top_logprobs = k + 1`` when the server
   allows it (vLLM ``--max-logprobs 21``), the k largest are then exact.
+* **Sampling-aware sets** (:mod:`sentinel_vllm.feature_sets`): the ``drawn`` group reads
+  each token's own ``logprob`` (:func:`drawn_stats`; the bound ``lp_(20)`` where the step
+  lists 20 alternatives), the ``sampling`` group the request's ``temperature`` and
+  ``top_p`` (:func:`request_sampling`, passed as ``sampling``); a request that does not set
+  ``temperature`` gets an error block from such a sentinel.
 """
 
 from __future__ import annotations
@@ -269,7 +274,7 @@ class TopLogprobsScorer:
             raise SentinelFileError(
                 f"sentinel {self.id} uses feature set {self.scorer.spec.name!r}, which needs series "
                 f"{', '.join(self.scorer.needed_series)}; a response's top_logprobs give one top-k "
-                "series: use a paper or paper+length sentinel")
+                "series: use a paper, paper+length or sampling-aware sentinel")
         self.sentinel_k = int(self.scorer.k)
         self.k = self.sentinel_k if k is None else int(k)
         if self.k != self.sentinel_k and not allow_k_mismatch:
