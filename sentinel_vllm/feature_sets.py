@@ -18,6 +18,17 @@ Groups
 ``logprob``
     Statistics of the sampled token's log-probability (``token_logprob`` in the traces):
     mean, population std, min and the 10% quantile (linear interpolation); zeros when empty.
+``sampling``
+    ``temperature`` and ``top_p`` the response was sampled with (:func:`sampling_features`:
+    the effective values; greedy decoding is temperature 0, an absent ``top_p`` is 1).
+    Traces: ``temperature`` / ``top_p`` of the record, else of its ``generation`` block.
+``drawn``
+    Statistics of the drawn token's surprisal under the raw distribution
+    (:func:`drawn_features`): ``drawn_nll_mean``, ``drawn_nll_q90``, ``drawn_nll_max`` of
+    ``-q_t`` and ``off_argmax`` (the fraction of steps whose drawn token is not the
+    argmax), over every step but the last. ``q_t = max(lp_t, lp_(k),t)``: the drawn
+    token's logprob, bounded below by the k-th largest logprob of its row (exact when the
+    drawn token is in the row's top-k, which is where serving looks it up).
 ``topk``
     The 11 statistics of the top-k series ``top<k>`` besides the chosen series, names
     prefixed ``topk_``; k is the one given (``train --k``; a sentinel's ``topk_k``) or the
@@ -25,9 +36,11 @@ Groups
     series itself (``--entropy topk``) is refused: 11 duplicate columns.
 
 Serving computes a row from what the worker returns per finished sample (the 11
-statistics of every recorded series and ``n_steps``) and the choice's ``finish_reason``:
-sets made of ``stats``, ``length`` and ``topk`` are servable (:data:`SERVABLE`); ``tail``
-and ``logprob`` need per-step data the worker does not return.
+statistics of every recorded series, ``n_steps`` and the request's own ``temperature`` and
+``top_p``) and the choice's ``finish_reason``: sets made of ``stats``, ``length``, ``topk``
+and ``sampling`` are servable (:data:`SERVABLE`); ``tail`` and ``logprob`` need per-step
+data the worker does not return, and ``drawn`` a look-up of each drawn token the worker does
+not make yet (the black-box client computes it from a response's logprobs).
 
 One definition of a row
 -----------------------
@@ -67,6 +80,14 @@ __all__ = [
     "unscorable",
     "length_features",
     "logprob_features",
+    "sampling_features",
+    "drawn_steps",
+    "drawn_features",
+    "trace_sampling",
+    "trace_drawn",
+    "ARGMAX_TOL",
+    "DRAWN_K",
+    "DRAWN_SERIES",
     "tail_features",
 ]
 
@@ -78,6 +99,8 @@ GROUP_NAMES: dict[str, tuple[str, ...]] = {
     "tail": (f"tail{TAIL}_mean", f"tail{TAIL}_std", f"tail{TAIL}_max"),
     "logprob": ("logprob_mean", "logprob_std", "logprob_min", "logprob_q10"),
     "topk": tuple(f"topk_{n}" for n in FEATURE_NAMES),
+    "sampling": ("temperature", "top_p"),
+    "drawn": ("drawn_nll_mean", "drawn_nll_q90", "drawn_nll_max", "off_argmax"),
 }
 
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
@@ -86,12 +109,15 @@ FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "paper+tail": ("stats", "tail"),
     "paper+logprob": ("stats", "logprob"),
     "paper+topk": ("stats", "topk"),
+    "paper+length+temperature": ("stats", "length", "sampling"),
+    "paper+length+drawn": ("stats", "length", "drawn"),
+    "paper+length+sampling": ("stats", "length", "sampling", "drawn"),
     "all": ("stats", "length", "tail", "logprob", "topk"),
 }
 
 #: Groups computable from a worker sample (11 statistics per recorded series, ``n_steps``)
 #: and the choice's ``finish_reason``.
-SERVABLE_GROUPS = frozenset({"stats", "length", "topk"})
+SERVABLE_GROUPS = frozenset({"stats", "length", "topk", "sampling"})
 #: Feature sets serving can compute (every group in :data:`SERVABLE_GROUPS`).
 SERVABLE = frozenset(n for n, g in FEATURE_SETS.items() if set(g) <= SERVABLE_GROUPS)
 
@@ -138,6 +164,115 @@ def logprob_features(logprobs: Sequence[float | None]) -> np.ndarray:
     return np.array([x.mean(), x.std(), x.min(), np.quantile(x, 0.10)])
 
 
+#: ``|-p ln p - top1| < ARGMAX_TOL`` marks a trace step whose drawn token is the argmax
+#: (``top1 = -p_1 ln p_1``; traces store both to 7 decimals; the gap is below 4e-6 at
+#: temperature 0, and at 0.5 and 1.0 about 2 in 10^4 steps fall between 1e-5 and 1e-4).
+ARGMAX_TOL = 1e-4
+
+
+def sampling_features(temperature, top_p=None) -> np.ndarray:
+    """``[temperature, top_p]``: the effective sampling settings of one response.
+
+    ``temperature`` None or below 1e-5 is greedy (vLLM's own cut-off) and reads 0;
+    ``top_p`` None (not set) reads 1.
+
+    Raises
+    ------
+    FeatureInputError
+        A negative or non-finite temperature, or ``top_p`` outside ``(0, 1]``.
+    """
+    t = 0.0 if temperature is None else float(temperature)
+    p = 1.0 if top_p is None else float(top_p)
+    if not math.isfinite(t) or t < 0:
+        raise FeatureInputError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not (math.isfinite(p) and 0 < p <= 1):
+        raise FeatureInputError(f"top_p must lie in (0, 1], got {top_p!r}")
+    return np.array([0.0 if t < 1e-5 else t, p])
+
+
+def drawn_steps(token_logprob: Sequence[float], is_argmax: Sequence[bool],
+                kth_logprob: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The per-step series the ``drawn`` group summarises: ``(nll, off)``, last step left out.
+
+    ``nll_t = -max(lp_t, lp_(k),t)`` (the drawn token's surprisal, bounded by the row's
+    k-th largest logprob when given; a NaN or None bound is no bound) and ``off_t = 1.0``
+    when the drawn token is not the argmax. Serving learns a step's drawn token at the next step and never the last
+    one's, so every path drops the last step here.
+
+    Raises
+    ------
+    FeatureInputError
+        Lengths that disagree, or a non-finite logprob.
+    """
+    lp = np.asarray(token_logprob, dtype=np.float64).reshape(-1)
+    am = np.asarray(is_argmax, dtype=bool).reshape(-1)
+    if am.shape != lp.shape or (kth_logprob is not None and len(kth_logprob) != lp.size):
+        raise FeatureInputError(f"drawn-token series disagree in length: {lp.size} logprobs, "
+                                f"{am.size} argmax flags")
+    if not np.isfinite(lp).all():
+        raise FeatureInputError("a drawn token's logprob is not finite")
+    if kth_logprob is not None:
+        kth = np.asarray([np.nan if v is None else v for v in kth_logprob], dtype=np.float64)
+        lp = np.fmax(lp, kth)
+    return -lp[:-1], (~am[:-1]).astype(np.float64)
+
+
+#: The per-step series the ``drawn`` group reads the statistics of (:func:`drawn_steps`).
+DRAWN_SERIES = ("drawn_nll", "off_argmax")
+#: k of the bound ``lp_(k)`` of the ``drawn`` group (the kernel's top-k of a row).
+DRAWN_K = 20
+
+
+def drawn_features(nll_stats: Sequence[float], off_stats: Sequence[float]) -> np.ndarray:
+    """``[mean, q90, max]`` of the ``drawn_nll`` statistics and the mean of ``off_argmax``.
+
+    Arguments are the 11 statistics (:func:`~sentinel_vllm.features.compute_features`, the
+    statistics serving computes for every recorded series) of the two series of
+    :func:`drawn_steps`; an empty trajectory gives zeros.
+    """
+    a, b = np.asarray(nll_stats, dtype=np.float64), np.asarray(off_stats, dtype=np.float64)
+    return np.array([a[0], a[7], a[2], b[0]])
+
+
+def trace_sampling(t: Trace) -> tuple[float | None, float | None]:
+    """``(temperature, top_p)`` of a trace: top-level keys, else its ``generation`` block."""
+    gen = t.extra.get("generation") if isinstance(t.extra.get("generation"), dict) else {}
+    out = []
+    for key in ("temperature", "top_p"):
+        v = t.extra.get(key)
+        out.append(gen.get(key) if v is None else v)
+    return out[0], out[1]
+
+
+def trace_drawn(t: Trace) -> dict[str, np.ndarray]:
+    """The statistics of the :data:`DRAWN_SERIES` of a trace, from ``token_logprob`` and ``top1``.
+
+    The argmax flag is ``|-p ln p - top1| < ARGMAX_TOL`` with ``p = exp(token_logprob)``;
+    the k-th logprob bound is ``topk_logprob`` when the record has it, else left out (it
+    matters only for a drawn token outside the top k).
+
+    Raises
+    ------
+    MissingSeriesError
+        No ``token_logprob`` or ``top1`` series, or lengths that disagree.
+    """
+    lp, top1 = t.extra.get("token_logprob"), t.series("top1")
+    if lp is None or top1 is None:
+        raise MissingSeriesError(f"trace {t.id!r} lacks token_logprob or the top1 series "
+                                 "(needed by the drawn features)")
+    kth = t.extra.get("topk_logprob")
+    if len(lp) != len(top1) or (kth is not None and len(kth) != len(lp)):
+        raise MissingSeriesError(f"trace {t.id!r}: token_logprob has {len(lp)} values but top1 "
+                                 f"has {len(top1)}")
+    x = np.asarray(lp, dtype=np.float64)
+    is_max = np.abs(-np.exp(x) * x - np.asarray(top1, dtype=np.float64)) < ARGMAX_TOL
+    try:
+        nll, off = drawn_steps(x, is_max, kth)
+    except FeatureInputError as exc:
+        raise MissingSeriesError(f"trace {t.id!r}: {exc}") from None
+    return {DRAWN_SERIES[0]: compute_features(nll), DRAWN_SERIES[1]: compute_features(off)}
+
+
 class FeatureInputError(ValueError):
     """A row cannot be assembled: a series, the finish reason or per-step data is missing."""
 
@@ -180,7 +315,8 @@ class FeatureSpec:
     @property
     def needed_series(self) -> tuple[str, ...]:
         """Series whose statistics a row needs (the worker must record them)."""
-        return tuple(dict.fromkeys(s for s in (self.series, self.topk_series) if s))
+        drawn = DRAWN_SERIES if "drawn" in self.groups else ()
+        return tuple(dict.fromkeys(s for s in (self.series, self.topk_series, *drawn) if s))
 
     @property
     def servable(self) -> bool:
@@ -191,8 +327,14 @@ class FeatureSpec:
     def needs_finish_reason(self) -> bool:
         return "length" in self.groups
 
+    @property
+    def needs_sampling(self) -> bool:
+        """True when a row needs the response's temperature and top_p (``sampling`` group)."""
+        return "sampling" in self.groups
+
     def row(self, stats: Mapping[str, Sequence[float]], n_steps: int, stopped_at_length: bool | None = None,
-            per_step: Mapping[str, Sequence[float]] | None = None) -> np.ndarray:
+            per_step: Mapping[str, Sequence[float]] | None = None,
+            sampling: tuple | None = None) -> np.ndarray:
         """The feature row: the one definition training and serving share.
 
         Parameters
@@ -207,6 +349,9 @@ class FeatureSpec:
         per_step : mapping, optional
             Values of the groups computed from per-step data (``tail``, ``logprob``);
             traces only.
+        sampling : (temperature, top_p), optional
+            The response's sampling settings (None entries: greedy / not set); needed by
+            ``sampling`` (:func:`sampling_features`).
 
         Returns
         -------
@@ -215,11 +360,23 @@ class FeatureSpec:
         Raises
         ------
         FeatureInputError
-            A needed series, the finish reason or a per-step group is missing.
+            A needed series, the finish reason, the sampling settings or a per-step group
+            is missing.
         """
         parts = []
         for g in self.groups:
-            if g in ("stats", "topk"):
+            if g == "drawn":
+                missing = [n for n in DRAWN_SERIES if n not in stats]
+                if missing:
+                    raise FeatureInputError(f"feature set {self.name!r} needs the statistics of "
+                                            f"series {', '.join(map(repr, missing))}")
+                parts.append(drawn_features(*(stats[n] for n in DRAWN_SERIES)))
+            elif g == "sampling":
+                if sampling is None:
+                    raise FeatureInputError(f"feature set {self.name!r} needs the response's "
+                                            "temperature and top_p")
+                parts.append(sampling_features(*sampling))
+            elif g in ("stats", "topk"):
                 name = self.series if g == "stats" else self.topk_series
                 if name not in stats:
                     raise FeatureInputError(f"feature set {self.name!r} needs the statistics of "
@@ -334,6 +491,8 @@ def trace_row(t: Trace, name: str = "paper", entropy: str = "full", k: int | Non
     per_step = {}
     if "tail" in groups:
         per_step["tail"] = tail_features(s)
+    if "drawn" in groups:
+        stats.update(trace_drawn(t))
     if "logprob" in groups:
         lp = t.extra.get("token_logprob")
         if lp is None:
@@ -343,7 +502,10 @@ def trace_row(t: Trace, name: str = "paper", entropy: str = "full", k: int | Non
                                      f"{entropy} entropy series has {len(s)} steps")
         per_step["logprob"] = logprob_features(lp)
     stop = _truncated(t) if "length" in groups else None
-    return spec.row(stats, len(s), stop, per_step)
+    try:
+        return spec.row(stats, len(s), stop, per_step, trace_sampling(t))
+    except FeatureInputError as exc:  # a bad temperature / top_p in the record
+        raise MissingSeriesError(f"trace {t.id!r}: {exc}") from None
 
 
 def unscorable(traces: Sequence[Trace], name: str = "paper", entropy: str = "full",

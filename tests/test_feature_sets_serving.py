@@ -102,7 +102,7 @@ def test_spec_from_metadata_reads_the_declared_set():
         spec_from_metadata({**meta, "topk_k": None})
     with pytest.raises(ValueError, match="no known feature set"):
         spec_from_metadata({**meta, "feature_names": ["mean", "sum"]}, "sentinel x")
-    assert SERVABLE == {"paper", "paper+length", "paper+topk"}
+    assert SERVABLE == {"paper", "paper+length", "paper+topk", "paper+length+temperature"}
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_unservable_set_is_refused_at_load(trained, tmp_path, capsys, monkeypatc
         SentinelScorer.from_path(files["paper+tail"])
     msg = str(exc.value)
     assert "\n" not in msg and "'paper+tail'" in msg
-    assert "servable feature sets: paper, paper+length, paper+topk" in msg
+    assert "servable feature sets: paper, paper+length, paper+length+temperature, paper+topk" in msg
     # serve stops before vLLM starts, with that line
     from sentinel_vllm.cli import serve
 

@@ -87,6 +87,25 @@ def test_offline_llm_feature_sets(tmp_path):
             assert f["log_n_steps"] == pytest.approx(math.log1p(len(comp.token_ids)), abs=1e-12)
             assert f["truncated"] == float(comp.finish_reason == "length")
         assert reasons[0] == "length"
+
+        # paper+length+temperature: the worker reports each request's own SamplingParams,
+        # the server's defaults (the model's generation_config) when the caller gives none
+        temp = _feature_set_sentinel(tmp_path / "temp.onnx", "paper+length+temperature")
+        llm.scorer = SentinelScorer.from_path(temp, vocab_size=llm.scorer.vocab_size)
+        msg = [{"role": "user", "content": "Say OK."}]
+        (hot,) = llm.chat([msg], [SamplingParams(max_tokens=4, temperature=0.7, top_p=0.9)],
+                          use_tqdm=False)
+        f = hot.outputs[0].sentinel["features"]
+        assert (f["temperature"], f["top_p"]) == (pytest.approx(0.7), pytest.approx(0.9))
+        (greedy,) = llm.chat([msg], [SamplingParams(max_tokens=4, temperature=0.0)],
+                             use_tqdm=False)
+        f = greedy.outputs[0].sentinel["features"]
+        assert (f["temperature"], f["top_p"]) == (0.0, 1.0)
+        dflt = llm.get_default_sampling_params()
+        (d,) = llm.chat([msg], use_tqdm=False)
+        f = d.outputs[0].sentinel["features"]
+        want_t = 0.0 if dflt.temperature < 1e-5 else dflt.temperature
+        assert (f["temperature"], f["top_p"]) == (pytest.approx(want_t), pytest.approx(dflt.top_p))
     finally:
         del llm
 

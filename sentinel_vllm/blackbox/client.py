@@ -42,6 +42,11 @@ Rules
   outside the top k, the k-th largest alternative is dropped. Greedy decoding never
   hits this; for sampled traffic ask for ``top_logprobs = k + 1`` when the server
   allows it (vLLM ``--max-logprobs 21``), the k largest are then exact.
+* **Sampling-aware sets** (:mod:`sentinel_vllm.feature_sets`): the ``drawn`` group reads
+  each token's own ``logprob`` (:func:`drawn_stats`; the bound ``lp_(20)`` where the step
+  lists 20 alternatives), the ``sampling`` group the request's ``temperature`` and
+  ``top_p`` (:func:`request_sampling`, passed as ``sampling``); a request that does not set
+  ``temperature`` gets an error block from such a sentinel.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ import numpy as np
 
 from sentinel_vllm.blackbox.parse import ChoiceLogprobs, add_choice, as_dict, extract_choices
 from sentinel_vllm.entropy import entropy_from_top_logprobs
+from sentinel_vllm.feature_sets import DRAWN_K, DRAWN_SERIES, FeatureInputError, drawn_steps
 from sentinel_vllm.features import FEATURE_NAMES, compute_features
 
 __all__ = [
@@ -66,6 +72,8 @@ __all__ = [
     "add_choice",
     "trajectory",
     "trajectories",
+    "drawn_stats",
+    "request_sampling",
     "TopLogprobsScorer",
     "score_response",
     "SHORT_STEPS_POLICIES",
@@ -176,6 +184,45 @@ def trajectories(
     }
 
 
+def drawn_stats(choice: ChoiceLogprobs, k: int = DRAWN_K) -> dict[str, list[float]]:
+    """Statistics of the ``drawn`` group's series of one choice (the one definition,
+    :func:`~sentinel_vllm.feature_sets.drawn_steps`).
+
+    Per step the drawn token's own logprob, bounded below by the k-th largest alternative
+    when the step lists k; the drawn token is the argmax when no alternative is larger.
+
+    Raises
+    ------
+    MissingLogprobsError
+        A step without the drawn token's logprob, or a non-finite one.
+    """
+    lp, top = choice.chosen, choice.steps
+    if len(lp) != len(top) or any(v is None for v in lp):
+        raise MissingLogprobsError(f"choice {choice.index} lacks the drawn token's logprob at "
+                                   "some step (needed by the drawn features)")
+    kth = [sorted(a, reverse=True)[k - 1] if len(a) >= k else -math.inf for a in top]
+    is_max = [not a or v >= max(a) for v, a in zip(lp, top)]
+    try:
+        nll, off = drawn_steps(lp, is_max, kth)
+    except FeatureInputError as exc:
+        raise MissingLogprobsError(f"choice {choice.index}: {exc}") from None
+    return {DRAWN_SERIES[0]: compute_features(nll).tolist(),
+            DRAWN_SERIES[1]: compute_features(off).tolist()}
+
+
+def request_sampling(body) -> dict | None:
+    """``{"temperature", "top_p"}`` a client's request body sets; None without a temperature.
+
+    A black box's default temperature is unknown (vLLM applies the model's
+    ``generation_config``), so a request that does not set it cannot be scored by a
+    sentinel with the ``sampling`` group (its block says so). ``top_p`` not set reads 1,
+    the OpenAI API's default.
+    """
+    if not isinstance(body, dict) or body.get("temperature") is None:
+        return None
+    return {"temperature": body["temperature"], "top_p": body.get("top_p")}
+
+
 class TopLogprobsScorer:
     """Score OpenAI-compatible responses with a top-k sentinel.
 
@@ -216,7 +263,7 @@ class TopLogprobsScorer:
             # one onnxruntime thread: a pool's threads spin after each call, ~2 ms of CPU per
             # response on a 2-core machine (a fraction of a ms of work)
             sentinel = load_sentinel(sentinel, intra_op_num_threads=1)
-        self.scorer = SentinelScorer(sentinel)
+        self.scorer = SentinelScorer(sentinel, extra_groups=("drawn",))
         self.id = self.scorer.id
         if self.scorer.entropy == "full":
             raise SentinelFileError(
@@ -224,11 +271,12 @@ class TopLogprobsScorer:
                 "top_logprobs give only the top-k entropy: train one on top-k traces "
                 "(sentinel-vllm train --entropy topk --k 20)"
             )
-        if self.scorer.needed_series != (self.scorer.series,):
+        if self.scorer.needed_series != (self.scorer.series,) + (
+                DRAWN_SERIES if "drawn" in self.scorer.spec.groups else ()):
             raise SentinelFileError(
                 f"sentinel {self.id} uses feature set {self.scorer.spec.name!r}, which needs series "
                 f"{', '.join(self.scorer.needed_series)}; a response's top_logprobs give one top-k "
-                "series: use a paper or paper+length sentinel")
+                "series: use a paper, paper+length or sampling-aware sentinel")
         self.sentinel_k = int(self.scorer.k)
         self.k = self.sentinel_k if k is None else int(k)
         if self.k != self.sentinel_k and not allow_k_mismatch:
@@ -240,7 +288,7 @@ class TopLogprobsScorer:
         self.renormalize = self.scorer.entropy == "topk_renorm"
         self.short_steps = short_steps
 
-    def score(self, response, slice_label: str = "default") -> dict:
+    def score(self, response, slice_label: str = "default", sampling: dict | None = None) -> dict:
         """Score every choice; never raises for the response's content.
 
         Parameters
@@ -248,6 +296,9 @@ class TopLogprobsScorer:
         response : dict, str, bytes, SDK object, or list of chunks
         slice_label : str
             Written into each block (bound it first with the metrics labeler).
+        sampling : dict, optional
+            ``{"temperature", "top_p"}`` the request was sampled with
+            (:func:`request_sampling`); needed by a sentinel with the ``sampling`` group.
 
         Returns
         -------
@@ -259,11 +310,12 @@ class TopLogprobsScorer:
             choices = extract_choices(response)
         except (ValueError, KeyError, TypeError) as exc:
             return {0: self._error(str(exc), "internal", slice_label)}
-        return self.score_choices(choices, slice_label)
+        return self.score_choices(choices, slice_label, sampling)
 
-    def score_choices(self, choices: Mapping[int, ChoiceLogprobs], slice_label: str) -> dict:
+    def score_choices(self, choices: Mapping[int, ChoiceLogprobs], slice_label: str,
+                      sampling: dict | None = None) -> dict:
         """:meth:`score` for already extracted choices (one onnxruntime call for all)."""
-        out, trajs = {}, {}
+        out, trajs, drawn = {}, {}, {}
         for i, c in choices.items():
             if c.overflow:
                 out[i] = self._error(
@@ -275,7 +327,10 @@ class TopLogprobsScorer:
                 trajs[i] = trajectory(
                     c, self.k, short_steps=self.short_steps, renormalize=self.renormalize
                 )
+                if "drawn" in self.scorer.spec.groups:
+                    drawn[i] = drawn_stats(c)
             except (ValueError, TypeError) as exc:
+                trajs.pop(i, None)
                 out[i] = self._error(str(exc), _MISSING, slice_label)
         ids = list(trajs)
         samples, finish = [], []
@@ -285,13 +340,14 @@ class TopLogprobsScorer:
                 feats = compute_features(tr.entropy).tolist()
             except ValueError:
                 feats = [math.nan] * len(FEATURE_NAMES)  # the scorer reports "nonfinite"
-            samples.append(
-                {
-                    "child": i,
-                    "n_steps": int(tr.entropy.size),
-                    "features": {self.scorer.series: feats},
-                }
-            )
+            sample = {
+                "child": i,
+                "n_steps": int(tr.entropy.size),
+                "features": {self.scorer.series: feats, **drawn.get(i, {})},
+            }
+            if sampling is not None:
+                sample["sampling"] = sampling
+            samples.append(sample)
             finish.append(choices[i].finish_reason)
         for i, s in zip(ids, self.scorer.score(samples, [slice_label] * len(ids), finish)):
             tr = trajs[i]
@@ -303,9 +359,10 @@ class TopLogprobsScorer:
             out[i] = s
         return dict(sorted(out.items()))
 
-    def blocks(self, response, slice_label: str = "default") -> dict[int, dict]:
+    def blocks(self, response, slice_label: str = "default",
+               sampling: dict | None = None) -> dict[int, dict]:
         """Per choice index, the ``sentinel`` block (or ``{"error", "reason"}``)."""
-        return {i: s.block for i, s in self.score(response, slice_label).items()}
+        return {i: s.block for i, s in self.score(response, slice_label, sampling).items()}
 
     def _error(self, message: str, reason: str, slice_label: str):
         from sentinel_vllm.serving.api.scoring import ScoredSample, error_block
@@ -313,7 +370,8 @@ class TopLogprobsScorer:
         return ScoredSample(error_block(message, reason, slice_label), reason)
 
 
-def score_response(response, sentinel, *, slice_label: str = "default", **kw) -> dict[int, dict]:
+def score_response(response, sentinel, *, slice_label: str = "default",
+                   sampling: dict | None = None, **kw) -> dict[int, dict]:
     """One-call helper: per choice index, the ``sentinel`` block of ``response``.
 
     Parameters
@@ -321,6 +379,8 @@ def score_response(response, sentinel, *, slice_label: str = "default", **kw) ->
     response : dict, str, bytes, SDK object, or list of chunks
     sentinel : str, path, Sentinel, or TopLogprobsScorer
     slice_label : str, default "default"
+    sampling : dict, optional
+        ``{"temperature", "top_p"}`` of the request (:func:`request_sampling`).
     **kw
         ``k``, ``allow_k_mismatch``, ``short_steps`` of :class:`TopLogprobsScorer`.
 
@@ -334,4 +394,4 @@ def score_response(response, sentinel, *, slice_label: str = "default", **kw) ->
     scorer = (
         sentinel if isinstance(sentinel, TopLogprobsScorer) else TopLogprobsScorer(sentinel, **kw)
     )
-    return scorer.blocks(response, slice_label)
+    return scorer.blocks(response, slice_label, sampling)

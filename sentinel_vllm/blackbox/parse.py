@@ -35,10 +35,14 @@ class ChoiceLogprobs:
     overflow : int
         0, or the cap (``max_steps`` of :func:`add_choice`) the choice went past: its steps
         are then dropped (memory stays bounded) and it is not scored.
+    chosen : list of float or None
+        Per generated token, the drawn token's own logprob (chat ``content[t].logprob``,
+        completions ``token_logprobs[t]``); None where the response has none.
     """
 
     index: int
     steps: list[list[float]] = field(default_factory=list)
+    chosen: list[float | None] = field(default_factory=list)
     present: bool = False
     finish_reason: str | None = None
     overflow: int = 0
@@ -98,15 +102,18 @@ def add_choice(
             vals = _step_values(entry)
             if vals is not None:
                 c.steps.append(vals)
+                c.chosen.append(entry.get("logprob"))
     elif "top_logprobs" in lp or "token_logprobs" in lp:  # completions
         c.present = True
         tops = lp.get("top_logprobs")
+        own = lp.get("token_logprobs") or ()
         n = len(lp.get("tokens") or lp.get("token_logprobs") or tops or ())
         for t in range(n):
             step = tops[t] if tops is not None and t < len(tops) else None
             c.steps.append(list(step.values()) if isinstance(step, dict) else [])
+            c.chosen.append(own[t] if t < len(own) else None)
     if max_steps is not None and (c.overflow or len(c.steps) > max_steps):
-        c.overflow, c.steps = max_steps, []
+        c.overflow, c.steps, c.chosen = max_steps, [], []
     return c
 
 

@@ -59,7 +59,12 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from sentinel_vllm.blackbox.client import ChoiceLogprobs, TopLogprobsScorer, add_choice
+from sentinel_vllm.blackbox.client import (
+    ChoiceLogprobs,
+    TopLogprobsScorer,
+    add_choice,
+    request_sampling,
+)
 from sentinel_vllm.blackbox.rewrite import (
     HOP_HEADERS,
     EventSplitter,
@@ -282,10 +287,11 @@ def _is_upstream(resp) -> bool:
 class _Stream:
     """What one streamed answer carries between its events."""
 
-    __slots__ = ("acc", "ask", "label", "split")
+    __slots__ = ("acc", "ask", "label", "sampling", "split")
 
-    def __init__(self, ask: LogprobsAsk, label: str, max_event_bytes: int):
-        self.ask, self.label = ask, label
+    def __init__(self, ask: LogprobsAsk, label: str, max_event_bytes: int,
+                 sampling: dict | None = None):
+        self.ask, self.label, self.sampling = ask, label, sampling
         self.acc: dict[int, ChoiceLogprobs] = {}
         self.split = EventSplitter(max_event_bytes)
 
@@ -415,9 +421,10 @@ class Proxy:
         headers = self._back_headers(resp, True)
         label = self.metrics.label_slice(raw_slice)
         if resp.headers.get("content-type", "").startswith("text/event-stream"):
-            return StreamingResponse(self._sse(resp, ask, label, deadline), status_code=200,
-                                     headers=headers)
-        return await self._json_answer(resp, ask, label, headers, deadline)
+            return StreamingResponse(self._sse(resp, ask, label, deadline, request_sampling(body)),
+                                     status_code=200, headers=headers)
+        return await self._json_answer(resp, ask, label, headers, deadline,
+                                       request_sampling(body))
 
     async def metrics_route(self, request):
         from prometheus_client import (
@@ -524,7 +531,7 @@ class Proxy:
             await resp.aclose()
 
     async def _json_answer(self, resp, ask: LogprobsAsk, label: str, headers: dict,
-                           deadline: float):
+                           deadline: float, sampling: dict | None = None):
         import httpx
         from starlette.responses import Response
 
@@ -542,7 +549,7 @@ class Proxy:
             await resp.aclose()
         # parse and score on the event loop: a thread would add its hand-offs and gain
         # nothing (the GIL), and the work is a few milliseconds
-        out = self._json_body(data, ask, label)
+        out = self._json_body(data, ask, label, sampling)
         if out is None:  # not an OpenAI answer: returned as it came, counted as a failure
             log.warning("upstream answered 200 with a body that is not an OpenAI completion "
                         "(content-type %r): returned without a sentinel block",
@@ -568,7 +575,8 @@ class Proxy:
         return (f"upstream answer too large: {what}, over --max-response-bytes "
                 f"{self.config.max_response_bytes}; not relayed")
 
-    def _json_body(self, data: bytearray, ask: LogprobsAsk, label: str) -> bytes | None:
+    def _json_body(self, data: bytearray, ask: LogprobsAsk, label: str,
+                   sampling: dict | None = None) -> bytes | None:
         """The client's body: parse once, score, strip, attach (None: not an OpenAI answer)."""
         from sentinel_vllm.serving.api.response import attach_blocks
         from sentinel_vllm.serving.api.scoring import error_block
@@ -585,7 +593,7 @@ class Proxy:
             for pos, c in enumerate(choices):
                 if isinstance(c, dict):
                     self._fold(acc, c, pos, ask)
-            scored = self.scorer.score_choices(dict(sorted(acc.items())), label)
+            scored = self.scorer.score_choices(dict(sorted(acc.items())), label, sampling)
             self._record(scored, label)
             blocks = {i: s.block for i, s in scored.items()}
             for c in choices:
@@ -612,11 +620,12 @@ class Proxy:
             else:
                 self.metrics.error(s.reason)
 
-    async def _sse(self, resp, ask: LogprobsAsk, label: str, deadline: float):
+    async def _sse(self, resp, ask: LogprobsAsk, label: str, deadline: float,
+                   sampling: dict | None = None):
         """The stream, event by event as it comes; each read's events go out in one write."""
         import httpx
 
-        st = _Stream(ask, label, self.config.max_response_bytes)
+        st = _Stream(ask, label, self.config.max_response_bytes, sampling)
         ahead = _ReadAhead(self._reads(resp, deadline, raw=False))
         try:
             async for batch in ahead.batches():
@@ -687,7 +696,7 @@ class Proxy:
 
     def _attach_stream_blocks(self, obj: dict, finished: dict, st: _Stream) -> None:
         done = {i: st.acc.pop(i) for i in finished if i in st.acc}
-        scored = self.scorer.score_choices(done, st.label)
+        scored = self.scorer.score_choices(done, st.label, st.sampling)
         self._record(scored, st.label)
         for i, c in finished.items():
             block = scored[i].block if i in scored else _NO_RESULT

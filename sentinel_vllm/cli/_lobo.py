@@ -25,7 +25,8 @@ def add_arguments(p) -> None:
                         "benchmark) and extremes (the paper's pair among them)")
     p.add_argument("--feature-set", default=None,
                    help="lobo: comma list of feature sets (paper, the default, paper+length, "
-                        "paper+tail, paper+logprob, paper+topk, all); the topk group reads "
+                        "paper+tail, paper+logprob, paper+topk, paper+length+temperature, "
+                        "paper+length+drawn, paper+length+sampling, all); the topk group reads "
                         "top<--k> (default: the traces' one k)")
     p.add_argument("--estimator", default="pcc",
                    help="lobo: comma list of slice estimators (pcc = mean P, the paper's; "

@@ -22,9 +22,10 @@ def add_parser(sub):
                         "default: all); the temperatures used are recorded in the metadata")
     p.add_argument("--feature-set", default="paper",
                    help="features of the file (sentinel_vllm/feature_sets.py): paper (the 11 "
-                        "statistics, default), paper+length, paper+topk (servable), paper+tail, "
-                        "paper+logprob, all (scored from traces only); the topk group of paper+topk "
-                        "and all reads top<--k> (default: the traces' one k)")
+                        "statistics, default), paper+length, paper+topk, paper+length+temperature "
+                        "(servable), paper+length+drawn, paper+length+sampling (traces and the "
+                        "proxy), paper+tail, paper+logprob, all (traces only); the topk group of "
+                        "paper+topk and all reads top<--k> (default: the traces' one k)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trained-for", default=None, metavar="MODEL",
                    help="the model the traces come from (stored in the sentinel's metadata); "

@@ -49,8 +49,11 @@ CLIENT_KEYS = (XARG_ID, XARG_SLICE, XARG_OPT, XARG_CHILD, XARG_N, XARG_FAULT)
 
 # ------------------------------------------------------------------------ RPCs
 #: ``(ids: list[str]) -> {id: [Sample, ...]}``; Sample = ``{"child": int, "n_steps": int,
-#: "nan_steps": int, "truncated": bool, "features": {series: [11 floats]}}``, samples
-#: sorted by child, features in :data:`sentinel_vllm.features.FEATURE_NAMES` order (nats).
+#: "nan_steps": int, "truncated": bool, "features": {series: [11 floats]},
+#: "sampling": {"temperature": float, "top_p": float}}``, samples sorted by child, features
+#: in :data:`sentinel_vllm.features.FEATURE_NAMES` order (nats); ``sampling`` holds the
+#: request's own ``SamplingParams`` values (after the server's defaults), absent when the
+#: worker did not see them.
 #: Releases the state of the ids it answers for.
 RPC_FETCH = "sentinel_fetch"
 #: ``(ids: list[str]) -> int`` samples dropped (aborted requests).

@@ -8,7 +8,9 @@ training) and turns it into ``P(correct)`` with one onnxruntime call per batch
 (arXiv 2601.09001 Sec. 3.3, forest + isotonic calibration exported by
 :mod:`sentinel_vllm.onnx_graph`). Servable sets: ``paper`` (the 11 statistics),
 ``paper+length`` (plus ``log_n_steps`` and ``truncated``, from the choice's
-``finish_reason``) and ``paper+topk`` (plus the 11 statistics of the top-k series).
+``finish_reason``), ``paper+topk`` (plus the 11 statistics of the top-k series) and
+``paper+length+temperature`` (plus the sample's ``sampling``: the request's own
+temperature and top_p, which the worker reads from its ``SamplingParams``).
 
 The block (per choice when ``n > 1``, top level when ``n = 1``; ``features`` keyed by
 the file's ``feature_names``)::
@@ -33,7 +35,13 @@ from typing import Sequence
 
 import numpy as np
 
-from sentinel_vllm.feature_sets import SERVABLE, FeatureInputError, length_stop, spec_from_metadata
+from sentinel_vllm.feature_sets import (
+    SERVABLE,
+    SERVABLE_GROUPS,
+    FeatureInputError,
+    length_stop,
+    spec_from_metadata,
+)
 from sentinel_vllm.features import FEATURE_NAMES
 from sentinel_vllm.sentinel_file import DEFAULT_SENTINEL, resolve_sentinel_path
 from sentinel_vllm.series import canonical, series_name, split_series
@@ -122,6 +130,9 @@ class SentinelScorer:
         ``p_correct(X) -> (n,)``, ``metadata`` and ``id``.
     vocab_size : int, optional
         Reported as ``k`` for full-vocabulary sentinels.
+    extra_groups : iterable of str, optional
+        Feature groups the caller computes itself beyond the worker's (the black-box
+        client: ``drawn``, from each token's own logprob).
 
     Raises
     ------
@@ -142,11 +153,11 @@ class SentinelScorer:
         The file's ``band`` metadata (the interval of the slice gauges).
     """
 
-    def __init__(self, sentinel, *, vocab_size: int | None = None):
+    def __init__(self, sentinel, *, vocab_size: int | None = None, extra_groups=()):
         meta = dict(getattr(sentinel, "metadata", {}) or {})
         sid = str(getattr(sentinel, "id", "sentinel-unknown"))
         spec = spec_from_metadata(meta, f"sentinel {sid}")
-        if not spec.servable:
+        if not spec.servable and not set(spec.groups) <= SERVABLE_GROUPS | set(extra_groups):
             raise ValueError(
                 f"sentinel {sid} uses feature set {spec.name!r}, which serving cannot compute "
                 "(it needs per-step data the worker does not return); servable feature sets: "
@@ -279,7 +290,8 @@ class SentinelScorer:
             raise _SampleError(f"all {nan_steps} decode steps had non-finite logits: no entropy "
                                "trajectory to score", "nonfinite")
         try:
-            row = self.spec.row(stats, n_steps, length_stop(finish_reason))
+            row = self.spec.row(stats, n_steps, length_stop(finish_reason),
+                                sampling=_sampling(s) if self.spec.needs_sampling else None)
         except FeatureInputError as exc:
             raise _SampleError(str(exc), "missing_series") from None
         return row, n_steps, nan_steps, bool(truncated)
@@ -304,6 +316,18 @@ class SentinelScorer:
             block["truncated"] = True
         mean_h = float(x[FEATURE_NAMES.index("mean")]) if n_steps > 0 else None
         return ScoredSample(block, None, p, mean_h)
+
+
+def _sampling(s: dict) -> tuple | None:
+    """``(temperature, top_p)`` of a sample's ``sampling`` object (None when absent)."""
+    v = s.get("sampling")
+    if v is None:
+        return None
+    try:
+        return tuple(None if v.get(k) is None else _number(v[k], float)
+                     for k in ("temperature", "top_p"))
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise FeatureInputError(f"malformed 'sampling' from the worker: {exc}"[:200]) from None
 
 
 def _number(v, kind):

@@ -43,7 +43,7 @@ import numpy as np
 
 from sentinel_vllm.serving.contract import DEFAULT_SERIES
 
-__all__ = ["DEFAULT_PARK_TIMEOUT_S", "Entry", "SlotTracker", "live_trackers", "register"]
+__all__ = ["DEFAULT_PARK_TIMEOUT_S", "Entry", "SlotTracker", "live_trackers", "register", "sampling_of"]
 
 DEFAULT_PARK_TIMEOUT_S = 600.0
 
@@ -60,6 +60,23 @@ class Entry:
     parked_at: float = 0.0
     release: bool = False  # fetched/discarded while active: free when it parks
     params: Any = field(default=None, repr=False)  # identity hint for n > 1 without child index
+    sampling: dict | None = None  # the request's {"temperature", "top_p"} (sampling_of)
+
+
+def sampling_of(params: Any) -> dict | None:
+    """``{"temperature": float, "top_p": float}`` of a ``SamplingParams``; None without one.
+
+    The engine's own values: what the request was sampled with after the server applied
+    its defaults (an OpenAI request that omits ``temperature`` gets the model's
+    ``generation_config`` value), so the API side never has to guess them.
+    """
+    if params is None:
+        return None
+    out = {}
+    for key in ("temperature", "top_p"):
+        v = getattr(params, key, None)
+        out[key] = None if v is None else float(v)
+    return out
 
 
 class SlotTracker:
@@ -172,6 +189,7 @@ class SlotTracker:
                 entry.active = True
                 if params is not None:
                     entry.params = params
+                    entry.sampling = sampling_of(params)
                 return entry
             if resume_hint:
                 # A resumed request whose earlier steps we do not hold (evicted, or
@@ -183,7 +201,8 @@ class SlotTracker:
                 self.counters["untracked_pool_full"] += 1
                 return None
             self.state.reset(self._slot_tensor([slot]))
-            entry = Entry(sid=sid, child=child, slot=slot, params=params)
+            entry = Entry(sid=sid, child=child, slot=slot, params=params,
+                          sampling=sampling_of(params))
             self._entries[key] = entry
             self._by_sid.setdefault(sid, set()).add(child)
             return entry
@@ -302,7 +321,9 @@ class SlotTracker:
         -------
         dict
             ``{sentinel_id: [{"child": int, "n_steps": int, "nan_steps": int,
-            "truncated": bool, "features": {series: [11 floats]}}, ...]}``,
+            "truncated": bool, "features": {series: [11 floats]},
+            "sampling": {"temperature": float, "top_p": float}}, ...]}``
+            (``sampling`` when the request's ``SamplingParams`` were seen),
             samples sorted by child; features in
             :data:`sentinel_vllm.features.FEATURE_NAMES` order (nats).
         """
@@ -317,15 +338,16 @@ class SlotTracker:
             feats = {s: np.asarray(res.features[s], dtype=np.float64) for s in self.series}
             out: dict[str, list[dict]] = {}
             for i, e in enumerate(entries):
-                out.setdefault(e.sid, []).append(
-                    {
-                        "child": e.child,
-                        "n_steps": int(n[i]),
-                        "nan_steps": int(nan[i]),
-                        "truncated": bool(trunc[i]),
-                        "features": {s: [float(v) for v in feats[s][i]] for s in self.series},
-                    }
-                )
+                sample = {
+                    "child": e.child,
+                    "n_steps": int(n[i]),
+                    "nan_steps": int(nan[i]),
+                    "truncated": bool(trunc[i]),
+                    "features": {s: [float(v) for v in feats[s][i]] for s in self.series},
+                }
+                if e.sampling is not None:
+                    sample["sampling"] = dict(e.sampling)
+                out.setdefault(e.sid, []).append(sample)
                 if e.active:
                     e.release = True
                 else:
