@@ -103,7 +103,8 @@ class ProtocolResult:
     rows : list of dict
         One per held-out unit: ``unit``, ``held_out``, ``temperature``, ``n``,
         ``estimated``, ``true``, ``aee``, ``se`` (``sqrt(sum p(1-p)) / n``, the sampling
-        standard error of :mod:`sentinel_vllm.aggregate`), ``train`` (the training benchmarks).
+        standard error of :mod:`sentinel_vllm.aggregate`), ``train`` (the training benchmarks),
+        ``auroc`` (the held-out AUROC of P(correct) on the unit; NaN with one class).
     summary : dict
         :func:`summarise` of ``rows``.
     """
@@ -137,6 +138,13 @@ def extremes_pair(accuracy: dict[str, float]) -> tuple[str, str]:
         raise ValueError(f"the extremes pair needs two benchmarks; have {sorted(accuracy)}")
     order = sorted(accuracy, key=lambda b: (accuracy[b], b))
     return order[-1], order[0]
+
+
+def _auroc(y: np.ndarray, p: np.ndarray) -> float:
+    """Held-out AUROC of P(correct) on one unit; NaN when the unit has one class only."""
+    from sklearn.metrics import roc_auc_score
+
+    return float("nan") if y.min() == y.max() else float(roc_auc_score(y, p))
 
 
 def _default_factory(random_state: int, params: dict | None):
@@ -257,12 +265,13 @@ def lobo(
             p = clf.predict_proba(X[m])[:, 1]
             true = float(y[m].mean())
             se = float(np.sqrt(np.sum(p * (1.0 - p)))) / p.size  # the sampling part (aggregate.py)
+            auroc = _auroc(y[m], p)
             for e in estimators:
                 est = fitted[e](p)
                 results[e].rows.append({"unit": _unit(b, temp, several), "held_out": b,
                                         "temperature": temp, "n": int(m.sum()), "estimated": est,
                                         "true": true, "aee": abs(est - true), "se": se,
-                                        "train": train_names})
+                                        "train": train_names, "auroc": auroc})
     for r in results.values():
         r.summary = summarise(r.rows)
     return results

@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, str] = {
     "serve": "serve",
     "models": "models",
     "collect": "collect",
+    "fit": "fit",
     "bench": "bench",
     "demo": "demo",
     "proxy": "proxy",
