@@ -208,15 +208,20 @@ def _score_bounds(est: float, a: float, c: float, z: float) -> tuple[float, floa
     return t, clip((-qb - math.sqrt(disc)) / (2 * qa)), clip((-qb + math.sqrt(disc)) / (2 * qa))
 
 
-def audit_design(name: str, design: SliceDesign, labels: Mapping[str, bool]) -> AuditEstimate:
+def audit_design(name: str, design: SliceDesign, labels: Mapping[str, bool],
+                 band=None) -> AuditEstimate:
     """The slice's :class:`~sentinel_vllm.audit.AuditEstimate` under an active design.
 
     ``n`` is the design's population; ``n_labelled`` the labelled draws (an id drawn
     twice counts twice; unlabelled draws are left out). ``labels_only`` is the same
     estimator with ``lam = 0`` (the labels reweighted by the design, without the
-    sentinel's scores); ``unlabelled`` the population's mean P(correct) with no interval
-    (the plan keeps the sums, not the scores: the interval needs them all).
+    sentinel's scores); ``unlabelled`` the population's mean P(correct) with the interval
+    :func:`sentinel_vllm.aggregate.estimate_accuracy` gives it (``band``: the sentinel
+    file's band metadata, None: sampling noise), from the design's sums
+    (``sum p(1-p) = p_sum - p_sum2``).
     """
+    from sentinel_vllm.aggregate import band_halfwidth, interval_kind
+
     nan = float("nan")
     got = [(labels[i], q, p) for i, q, p in design.draws if i in labels]
     N = design.population
@@ -228,8 +233,13 @@ def audit_design(name: str, design: SliceDesign, labels: Mapping[str, bool]) -> 
         sums = (N, design.p_sum, design.p_sum2)
         est, lo, hi, lam = active_interval(y, pl, w, *sums)
         lab, lab_lo, lab_hi, _ = active_interval(y, pl, w, *sums, lam=0.0)
+    un = un_lo = un_hi = nan
+    if N:
+        un = design.p_sum / N
+        h = band_halfwidth(math.sqrt(max(design.p_sum - design.p_sum2, 0.0)) / N, band)
+        un_lo, un_hi = max(0.0, un - h), min(1.0, un + h)
     return AuditEstimate(name, N, len(got), est, lo, hi, lab, lab_lo, lab_hi,
-                         design.p_sum / N if N else nan, nan, nan, lam)
+                         un, un_lo, un_hi, lam, "ppi++", interval_kind(band))
 
 
 # ---- plan files --------------------------------------------------------------------------

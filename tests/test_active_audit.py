@@ -23,6 +23,7 @@ from sentinel_vllm.active_audit import (
 )
 from sentinel_vllm.audit import wilson_interval
 from sentinel_vllm.cli import main
+from sentinel_vllm.sentinel_file import load_sentinel, resolve_sentinel_path
 from sentinel_vllm.traces import write_traces
 
 Z = 1.959963984540054
@@ -200,8 +201,9 @@ def test_audit_cli_suggest_then_plan(tmp_path, capsys):
     assert main([*base, "--labels", str(labels), "--plan", str(plan), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     designs = plan_designs(saved)
+    band = load_sentinel(resolve_sentinel_path("default")).metadata["band"]
     for o in out:
-        ref = audit_design(o["slice"], designs[o["slice"]], truth)
+        ref = audit_design(o["slice"], designs[o["slice"]], truth, band)
         assert o == ref.as_dict() and o["n"] == 60 and o["n_labelled"] == 15
     # traffic that grew since the plan: the new responses are outside the design, the result is the same
     more = tmp_path / "more.jsonl"
@@ -228,3 +230,43 @@ def test_audit_cli_suggest_then_plan(tmp_path, capsys):
         assert main([*base, *extra]) == 1
         assert msg in capsys.readouterr().err
     assert not math.isnan(out[0]["estimate"])
+
+
+def test_audit_design_unlabelled_interval_is_the_files_band():
+    """The planned audit's unlabelled column carries the same interval as ``estimate``: the band
+    (q + 1.96 se, clipped) with band metadata, sampling noise without; se from the design's sums."""
+    p = [0.9, 0.2, 0.5, 0.7]
+    design = SliceDesign.of(p, [])
+    se = math.sqrt(0.09 + 0.16 + 0.25 + 0.21) / 4  # sum p(1-p) by hand; 1.96 se = 0.4129
+    samp = audit_design("a", design, {})
+    assert samp.unlabelled_interval == "sampling"
+    assert (samp.unlabelled_ci_low, samp.unlabelled_ci_high) == pytest.approx(
+        (0.575 - Z * se, 0.575 + Z * se), abs=1e-12)
+    band = {"method": "conformal-linear", "q": 0.1, "level": 0.95, "n_units": 19}
+    b = audit_design("a", design, {}, band)
+    assert b.unlabelled_interval == "band" and b.unlabelled == pytest.approx(0.575)
+    assert (b.unlabelled_ci_low, b.unlabelled_ci_high) == pytest.approx(
+        (0.575 - 0.1 - Z * se, 1.0), abs=1e-12)  # 0.575 + 0.513 > 1: clipped
+
+
+def test_audit_cli_plan_shows_the_band_as_estimate(tmp_path, capsys):
+    recs = make_traces(40, seed=9)
+    traffic = tmp_path / "traffic.jsonl"
+    write_traces(traffic, recs)
+    plan = tmp_path / "plan.json"
+    base = ["audit", "default", "--traces", str(traffic)]
+    assert main([*base, "--suggest", "10", "--plan", str(plan), "--seed", "1"]) == 0
+    ids = set(capsys.readouterr().out.split())
+    truth = {r["id"]: r["correct"] for r in recs}
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"id": i, "correct": truth[i]}) + "\n" for i in ids))
+    assert main([*base, "--labels", str(labels), "--plan", str(plan), "--json"]) == 0
+    audited = json.loads(capsys.readouterr().out)
+    assert main(["estimate", "default", str(traffic), "--json"]) == 0
+    est = json.loads(capsys.readouterr().out)
+    assert est["interval"] == "band" and len(audited) == len(est["slices"]) == 4
+    for o in audited:
+        e = est["slices"][o["slice"]]
+        assert o["unlabelled_interval"] == "band"
+        assert (o["unlabelled"], o["unlabelled_ci_low"], o["unlabelled_ci_high"]) == pytest.approx(
+            (e["estimate"], e["ci_low"], e["ci_high"]), abs=1e-9)

@@ -302,3 +302,21 @@ def test_audit_says_which_interval():
     assert (a.unlabelled_ci_low, a.unlabelled_ci_high) == (ref.ci_low, ref.ci_high)
     assert audit_slice("a", p, labels).unlabelled_interval == "sampling"
     assert a.as_dict()["interval"] == "ppi++"
+
+
+def test_train_band_warns_when_weaker_than_it_reads(tmp_path, capsys):
+    """Two benchmarks: 2 units, q their largest score (level 2/3, not 0.95), and neither unit can be
+    judged nested (one benchmark left); unlabelled --band-traces add no unit. Each is said."""
+    from sentinel_vllm.cli import main
+
+    recs = [r for r in make_traces(40, seed=4) if r["slice"] in ("easy", "hard")]
+    write_traces(tmp_path / "t.jsonl", recs)
+    write_traces(tmp_path / "u.jsonl", [{**r, "correct": None} for r in recs])
+    assert main(["train", str(tmp_path / "t.jsonl"), "--band-traces", str(tmp_path / "u.jsonl"),
+                 "--out", str(tmp_path / "s.onnx")]) == 0
+    err = capsys.readouterr().err
+    assert "none of their 80 traces is labelled" in err
+    assert "only 2 held-out unit(s): q is their largest score, a level of 67%, not 95%" in err
+    assert "2 of 2 unit(s) could not be judged nested" in err
+    assert main(["train", str(tmp_path / "t.jsonl"), "--band", "--out", str(tmp_path / "s2.onnx")]) == 0
+    assert "none of their" not in capsys.readouterr().err

@@ -101,6 +101,7 @@ def test_feature_set_needs_protocol_lobo(tmp_path, capsys):
     base = ["evaluate", str(tmp_path / "t.jsonl"), "--out-dir", str(tmp_path / "e"), "--no-plots"]
     for extra, msg in ((["--feature-set", "paper+topk"], "--feature-set applies to --protocol lobo"),
                        (["--feature-set", "nope"], "unknown --feature-set 'nope'"),
+                       (["--band"], "--band applies to --protocol lobo"),
                        (["--protocol", "lobo", "--feature-set", "paper,nope"],
                         "unknown --feature-set 'nope'")):
         capsys.readouterr()

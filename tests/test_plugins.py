@@ -153,12 +153,18 @@ def test_settings_are_the_serve_options(tmp_path):
     assert cfg == want and cfg.slices == ["a", "b"] and cfg.window_count == 50
 
 
-@pytest.mark.parametrize("settings,message", [
-    ({"file": "/no/such.onnx"}, "no such sentinel file"),
+@pytest.mark.parametrize("settings,message", [  # every error names the setting's key
+    ({"file": "/no/such.onnx"}, r'\["file"\]: --sentinel: /no/such.onnx: no such sentinel file'),
     ({"windw": 3}, r'\["windw"\]: unknown setting \(known: audit_db'),
-    ({"window": "lots"}, "invalid int value: 'lots'"),
+    ({"window": "lots"}, r'\["window"\]: argument --sentinel-window: invalid int value: \'lots\''),
+    ({"window": 0}, r'\["window"\]: --sentinel-window must be >= 1'),
     ({"return_trajectory": "yes"}, "must be true or false"),
-    ({"drift_margin": 3}, r'additional_config\["sentinel"\]: --sentinel-drift-margin must be in'),
+    ({"drift_margin": 3}, r'additional_config\["sentinel"\]\["drift_margin"\]: --sentinel-drift-margin must be in'),
+    ({"baseline": "/no/b.json"}, r'\["baseline"\]: --sentinel-baseline: cannot read baseline /no/b.json'),
+    ({"baseline": {"gsm8k": 0.7}}, r'\["baseline"\] must be a string or a number, got an object'),
+    ({"audit_db": "/no/dir/a.sqlite"}, r'\["audit_db"\]: --sentinel-audit-db: cannot open the audit store'),
+    ({"audit_retention": -1}, r'\["audit_retention"\]: --sentinel-audit-retention must be > 0, got -1.0'),
+    ({"window_seconds": -5}, r'\["window_seconds"\]: --sentinel-window-seconds must be >= 0'),
 ])
 def test_bad_settings_are_clear_errors(settings, message):
     with pytest.raises(ValueError, match=message):

@@ -83,7 +83,7 @@ def run(args) -> int:
         res = audit_slices([t.slice for t in traces], p, [t.id for t in traces], labels,
                            sent.metadata.get("band"))
     else:
-        res = _planned(plan, sent.id, traces, p, labels)
+        res = _planned(plan, sent.id, traces, p, labels, sent.metadata.get("band"))
     if args.json:
         print(json.dumps([r.as_dict() for r in res], indent=2, allow_nan=False))
         return 0
@@ -124,7 +124,7 @@ def _warn_unlabelled(missing) -> None:
               "their correctness", file=sys.stderr)
 
 
-def _planned(plan, sentinel_id, traces, p, labels):
+def _planned(plan, sentinel_id, traces, p, labels, band=None):
     """Audit with the plan's design: its p and q, checked against the traces and sentinel."""
     from sentinel_vllm.active_audit import audit_design, plan_designs
     from sentinel_vllm.audit import audit_slice
@@ -152,8 +152,8 @@ def _planned(plan, sentinel_id, traces, p, labels):
     designs, out = plan_designs(plan), []
     for s in dict.fromkeys(t.slice for t in traces):
         if s in designs:
-            out.append(audit_design(s, designs[s], labels))
+            out.append(audit_design(s, designs[s], labels, band))
         else:  # a slice the plan did not draw from: no labels, today's audit (sentinel only)
             m = [t.slice == s for t in traces]
-            out.append(audit_slice(s, p[m], [None] * sum(m)))
+            out.append(audit_slice(s, p[m], [None] * sum(m), band))
     return out

@@ -50,6 +50,9 @@ def composition_row(c) -> list:
 
 def run(args) -> int:
     _lobo.feature_sets(args)  # an unknown name, or --feature-set without --protocol lobo
+    if args.band and args.protocol != "lobo":
+        raise ValueError("--band applies to --protocol lobo (it judges the band on the held-out "
+                         "units); a sentinel's own band: sentinel-vllm train --band")
     if args.advise:
         return _advise.run(args)
     if args.protocol == "lobo":

@@ -70,9 +70,11 @@ def _band(args, topk_k) -> dict | None:
 
     if not (args.band or args.band_traces):
         return None
-    traces = [t for t in _common.load(args) + (read_traces(args.band_traces, skip_bad=args.skip_bad)
-                                               if args.band_traces else [])
-              if t.correct is not None]
+    extra = read_traces(args.band_traces, skip_bad=args.skip_bad) if args.band_traces else []
+    if extra and all(t.correct is None for t in extra):
+        print(f"warning: --band-traces: none of their {len(extra)} traces is labelled ('correct' "
+              "null): they add no held-out unit", file=sys.stderr)
+    traces = [t for t in _common.load(args) + extra if t.correct is not None]
     traces = _common.keep_scorable(args, traces, [(args.feature_set, args.entropy, args.k, topk_k)])
     comp = args.band_composition
     if comp == "auto":
@@ -96,7 +98,22 @@ def _band(args, topk_k) -> dict | None:
     print(f"band: q = {band['q']:.4f} over {band['n_units']} held-out units (rank {band['rank']}); "
           f"nested coverage {nest['coverage']:.3f}, mean half-width {nest['mean_halfwidth']:.3f}",
           file=sys.stderr)
+    _warn_small_band(band["n_units"], sum(math.isinf(r["q"]) for r in nest["rows"]))
     return band
+
+
+def _warn_small_band(n: int, unjudged: int) -> None:
+    """Say when the band's level or its nested judgement is weaker than the output suggests."""
+    from sentinel_vllm.band import LEVEL
+
+    if math.ceil((n + 1) * LEVEL - 1e-12) > n:  # the conformal rank is capped at n
+        print(f"warning: only {n} held-out unit(s): q is their largest score, a level of "
+              f"{n / (n + 1):.0%}, not {LEVEL:.0%} (19 units reach it: add benchmarks or "
+              "temperatures, --band-traces)", file=sys.stderr)
+    if unjudged:
+        print(f"warning: {unjudged} of {n} unit(s) could not be judged nested (fewer than two other "
+              "benchmarks to fit their q): the nested coverage counts them as covered, by an "
+              "infinite interval", file=sys.stderr)
 
 
 def run(args) -> int:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping
+from contextlib import contextmanager
 
 from sentinel_vllm.serving.contract import ADDITIONAL_CONFIG_KEY, WORKER_SETTINGS
 
@@ -31,8 +33,8 @@ def add_sentinel_options(p: argparse.ArgumentParser) -> None:
                    help="cap on distinct slice labels (default 32)")
     g.add_argument("--sentinel-drift-margin", type=float, default=0.05, metavar="M",
                    help="drift alert when a slice's estimate < baseline - M (default 0.05)")
-    g.add_argument("--sentinel-baseline", default=None, metavar="JSON",
-                   help='baseline accuracy per slice: {"slice": 0.7, "*": 0.6}')
+    g.add_argument("--sentinel-baseline", default=None, metavar="FILE",
+                   help='JSON file of the baseline accuracy per slice: {"slice": 0.7, "*": 0.6}')
     g.add_argument("--sentinel-replica", default=None,
                    help="replica label of the metrics (default: hostname)")
     g.add_argument("--sentinel-window", type=int, default=1000, metavar="N",
@@ -67,28 +69,45 @@ def build_config(ns):
     from sentinel_vllm.serving.api.middleware import ServerConfig
     from sentinel_vllm.serving.api.scoring import SentinelScorer, resolve_sentinel_path
 
-    path = resolve_sentinel_path(ns.sentinel)
-    scorer = SentinelScorer.from_path(ns.sentinel)  # ONNX only; warns when it is the default
+    with _about("--sentinel"):
+        path = resolve_sentinel_path(ns.sentinel)
+        scorer = SentinelScorer.from_path(ns.sentinel)  # ONNX only; warns when it is the default
     if ns.sentinel_baseline is not None:
-        load_baseline(ns.sentinel_baseline)
+        with _about("--sentinel-baseline"):
+            load_baseline(ns.sentinel_baseline)
     if not 0 <= ns.sentinel_drift_margin <= 1:
         raise ValueError(f"--sentinel-drift-margin must be in [0, 1], got {ns.sentinel_drift_margin}")
     for opt in ("sentinel_max_slices", "sentinel_window", "sentinel_min_samples"):
         if getattr(ns, opt) < 1:
             raise ValueError(f"--{opt.replace('_', '-')} must be >= 1")
+    if not ns.sentinel_window_seconds >= 0:
+        raise ValueError(f"--sentinel-window-seconds must be >= 0 (0: no age limit), "
+                         f"got {ns.sentinel_window_seconds}")
+    if not ns.sentinel_audit_retention > 0:
+        raise ValueError(f"--sentinel-audit-retention must be > 0, got {ns.sentinel_audit_retention}")
+    if ns.sentinel_audit_max_rows < 1:
+        raise ValueError(f"--sentinel-audit-max-rows must be >= 1, got {ns.sentinel_audit_max_rows}")
     opts = metrics_args(ns)
     opts["baseline"] = os.path.abspath(ns.sentinel_baseline) if ns.sentinel_baseline else None
     db = os.path.abspath(ns.sentinel_audit_db) if ns.sentinel_audit_db else None
     if db is not None:  # opened once here: an unusable path stops serve before vLLM starts
-        AuditStore(db, retention_s=ns.sentinel_audit_retention,
-                   max_rows=ns.sentinel_audit_max_rows).close()
-    elif not ns.sentinel_audit_retention > 0 or ns.sentinel_audit_max_rows < 1:
-        raise ValueError("--sentinel-audit-retention must be > 0 and --sentinel-audit-max-rows >= 1")
+        with _about("--sentinel-audit-db"):
+            AuditStore(db, retention_s=ns.sentinel_audit_retention,
+                       max_rows=ns.sentinel_audit_max_rows).close()
     cfg = ServerConfig(sentinel=os.path.abspath(path), return_trajectory=ns.sentinel_return_trajectory,
                        fault_injection=ns.sentinel_fault_injection, audit_db=db,
                        audit_retention_s=ns.sentinel_audit_retention,
                        audit_max_rows=ns.sentinel_audit_max_rows, **opts)
     return cfg, scorer
+
+
+@contextmanager
+def _about(opt: str):
+    """Prefix the option ``opt`` to a ValueError raised inside (so the setting is named)."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ValueError(f"{opt}: {exc}") from exc
 
 
 def _option_table() -> dict[str, argparse.Action]:
@@ -130,6 +149,10 @@ def settings_argv(settings: Mapping) -> list[str]:
             known = ", ".join(sorted([*table, *WORKER_SETTINGS]))
             raise ValueError(f"{where}: unknown setting (known: {known})")
         opt = act.option_strings[0]
+        if isinstance(value, Mapping):
+            msg = (f"{where} must be a string or a number, got an object (the settings take "
+                   "what the serve option takes: a file's path, say)")
+            raise ValueError(msg)  # noqa: TRY004 - one error type for every bad setting
         if act.nargs == 0:  # a switch
             if not isinstance(value, bool):
                 raise ValueError(f"{where} must be true or false, got {value!r}")
@@ -155,13 +178,21 @@ def config_from_settings(settings: Mapping):
     try:
         ns, extra = p.parse_known_args(argv)
     except argparse.ArgumentError as exc:
-        raise ValueError(f'additional_config["{ADDITIONAL_CONFIG_KEY}"]: {exc}') from exc
+        raise ValueError(f"{_where(exc.argument_name)}: {exc}") from exc
     if extra:  # pragma: no cover - settings_argv only builds known options
         raise ValueError(f"unexpected settings {extra}")
     try:
         return build_config(ns)
     except ValueError as exc:
-        raise ValueError(f'additional_config["{ADDITIONAL_CONFIG_KEY}"]: {exc}') from exc
+        opt = re.match(r"(--sentinel(?:-[a-z]+)*)", str(exc))
+        raise ValueError(f"{_where(opt and opt.group(1))}: {exc}") from exc
+
+
+def _where(opt: str | None) -> str:
+    """``additional_config["sentinel"]["<key>"]`` of the ``serve`` option ``opt`` (its key)."""
+    keys = {act.option_strings[0]: key for key, act in _option_table().items()}
+    key = keys.get(opt or "")
+    return f'additional_config["{ADDITIONAL_CONFIG_KEY}"]' + (f'["{key}"]' if key else "")
 
 
 def settings_of(ns: argparse.Namespace) -> dict:
