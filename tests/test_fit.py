@@ -1,4 +1,5 @@
-"""``sentinel-vllm fit``: collect (a stand-in for vLLM replaying real traces), choose, train, report."""
+"""``sentinel-vllm fit``: collect (a stand-in for vLLM replaying real traces), choose, train,
+report."""
 
 import csv
 import gzip
@@ -107,8 +108,9 @@ def test_report_matches_evaluate_lobo(fitted, tmp_path):
         want = (f"| {recipe} | 8 | {float(r['median_aee']):.3f} | {float(r['mean_aee']):.3f} "
                 f"| {float(r['worst_aee']):.3f} ({r['worst_unit']}) |")
         assert want in lines
-    assert (f"LOBO AEE of the chosen recipe: median {float(best['median_aee']):.3f}, mean "
-            f"{float(best['mean_aee']):.3f}, worst {float(best['worst_aee']):.3f}") in "\n".join(lines)
+    aee = (f"LOBO AEE of the chosen recipe: median {float(best['median_aee']):.3f}, mean "
+           f"{float(best['mean_aee']):.3f}, worst {float(best['worst_aee']):.3f}")
+    assert aee in "\n".join(lines)
 
 
 @slow
@@ -172,9 +174,25 @@ def test_cli_checks_options_before_starting_vllm(capsys):
     assert main(["fit", "--model", "x", "--out", "o.onnx", "--temperatures", "0,hot"]) == 1
     assert "--temperatures" in capsys.readouterr().err
     assert main(["fit", "--model", "x", "--out", "o.onnx", "--feature-sets", "paper,nope"]) == 1
-    assert "unknown ['nope']" in capsys.readouterr().err
+    assert "unknown or not servable ['nope']" in capsys.readouterr().err
     assert main(["fit", "--model", "x", "--out", "o.onnx", "--benchmarks", "mawps,gsm8k,nope"]) == 1
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
+    # found by a review: each was accepted, then failed (or misbehaved) after the collection
+    bad = {("--temperatures", "nan"): "finite temperatures", ("--temperatures", "0,0.0"): "twice",
+           ("--benchmarks", "gsm8k,gsm8k,gsm8k"): "three different",
+           ("--feature-sets", "paper+tail"): "not servable ['paper+tail']",
+           ("--out", "/nonexistent-dir/s.onnx"): "does not exist", ("--out", "/tmp"): "a directory",
+           ("--max-tokens", "0"): "--max-tokens must be at least 1",
+           ("--batch-size", "0"): "--batch-size must be at least 1",
+           ("--gpu-memory-utilization", "2"): "(0, 1]",
+           ("--kv-cache-memory-bytes", "-5"): "must be positive"}
+    for (opt, val), why in bad.items():
+        argv = ["fit", "--model", "x", "--out", "o.onnx", opt, val]
+        if opt == "--out":
+            argv = ["fit", "--model", "x", opt, val]
+        assert main(argv) == 1, (opt, val)
+        assert why in capsys.readouterr().err, (opt, val)
+    assert not os.path.exists("/nonexistent-dir")
 
 
 def test_held_out_auroc_is_roc_auc_of_the_unit():
