@@ -13,8 +13,8 @@ fit`` does the whole loop the project does for its embedded default:
 3. **train** the chosen recipe on every benchmark it names, through ``sentinel-vllm train``
    (so the file is exactly what ``train`` writes);
 4. **report** the held-out AUROC per benchmark, the LOBO AEE of the chosen recipe and the
-   band the file carries (``train --band``: the 95% interval of a slice's true accuracy), with a warning when the entropy signal is weak (held-out AUROC
-   below :data:`WEAK_AUROC`).
+   band the file carries (``train --band``: the 95% interval of a slice's true accuracy),
+   with a warning when the entropy signal is weak (held-out AUROC below :data:`WEAK_AUROC`).
 
 Everything here but :func:`build_collector` imports neither vLLM nor torch.
 """
@@ -92,6 +92,20 @@ def build_collector(plan: FitPlan) -> Callable[[float, str], dict]:
         return collect(engine[0], specs, path, n=plan.n, seed=plan.seed, temperature=temperature,
                        max_tokens=plan.max_tokens, batch_size=batch_size, model_name=plan.model)
 
+    def close() -> None:
+        """Stop the engine before training: its memory and reserved core are free again."""
+        import gc
+
+        while engine:
+            llm = engine.pop()
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # noqa: BLE001 (best effort; the engine also stops at exit)
+                pass
+            del llm
+        gc.collect()
+
+    run.close = close  # type: ignore[attr-defined]
     return run
 
 
@@ -110,6 +124,8 @@ def collect_all(plan: FitPlan, collector: Callable[[float, str], dict] | None = 
         print(f"[fit] collect {i}/{len(todo)}: temperature {temp:g}, {k} responses to go "
               f"-> {trace_path(plan.dir, temp)}", file=log)
         collector(temp, trace_path(plan.dir, temp))
+    if todo and hasattr(collector, "close"):
+        collector.close()
     if not todo:
         print(f"[fit] traces complete in {plan.dir}: nothing to collect", file=log)
     return [trace_path(plan.dir, t) for t in plan.temperatures]
@@ -201,7 +217,8 @@ def report_lines(best, results, slices: Sequence[str], metadata: dict) -> list[s
     chosen = (f"chosen recipe: {best.recipe} (leave-one-benchmark-out, worst then median AEE), "
               f"trained on {', '.join(slices)}")
     lines = ["# sentinel-vllm fit", "", chosen, "",
-             "| recipe | units | median AEE | mean AEE | worst AEE (unit) |", "|---|---|---|---|---|"]
+             "| recipe | units | median AEE | mean AEE | worst AEE (unit) |",
+             "|---|---|---|---|---|"]
     for r in results:
         t = r.summary
         lines.append(f"| {r.recipe} | {t['n_units']} | {t['median_aee']:.3f} | {t['mean_aee']:.3f} "
