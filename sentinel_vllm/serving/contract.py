@@ -129,18 +129,10 @@ def sentinel_settings(additional_config: Mapping | str | None) -> dict | None:
     ValueError
         ``additional_config`` is not a JSON object, or its sentinel entry is not one.
     """
-    import json
 
     if additional_config is None or additional_config == "":
         return None
-    extra = additional_config
-    if isinstance(extra, str):
-        try:
-            extra = json.loads(extra)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--additional-config is not valid JSON: {exc}") from exc
-    if not isinstance(extra, Mapping):
-        raise ValueError(f"--additional-config must be a JSON object, got {type(extra).__name__}")
+    extra = _config_object(additional_config, "--additional-config")
     if ADDITIONAL_CONFIG_KEY not in extra:
         return None
     mine = extra[ADDITIONAL_CONFIG_KEY]
@@ -172,6 +164,20 @@ def processor_fqcn(vllm_config=None, *, use_v2: bool | None = None) -> str:
     if use_v2 is None:
         use_v2 = bool(getattr(vllm_config, "use_v2_model_runner", False))
     return MRV2_PROCESSOR if use_v2 else V1_PROCESSOR
+
+
+def _config_object(value: Mapping | str, what: str) -> Mapping:
+    """``additional_config`` as a mapping (a JSON string is parsed); ``what`` names it in errors."""
+    import json
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{what} is not valid JSON: {exc}") from exc
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def vllm_launch_kwargs(needed_series: Iterable[str] = (), *, series: Iterable[str] | None = None,
@@ -217,7 +223,6 @@ def vllm_launch_kwargs(needed_series: Iterable[str] = (), *, series: Iterable[st
         Another worker extension, an ``additional_config`` that is not a JSON
         object, a bad series name, or user series without a needed one.
     """
-    import json
     import os
 
     from sentinel_vllm.series import is_series, split_series
@@ -226,14 +231,8 @@ def vllm_launch_kwargs(needed_series: Iterable[str] = (), *, series: Iterable[st
         raise ValueError(f"--worker-extension-cls / worker_extension_cls is the sentinel's "
                          f"({WORKER_EXTENSION}); vLLM takes only one worker extension, so "
                          f"{worker_extension_cls!r} cannot be combined with it")
-    extra = additional_config if additional_config is not None else {}
-    if isinstance(extra, str):
-        try:
-            extra = json.loads(extra)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"additional_config is not valid JSON: {exc}") from exc
-    if not isinstance(extra, Mapping):
-        raise ValueError(f"additional_config must be a JSON object, got {type(extra).__name__}")
+    extra = _config_object(additional_config if additional_config is not None else {},
+                           "additional_config")
     mine = extra.get(ADDITIONAL_CONFIG_KEY, {})
     if not isinstance(mine, Mapping):
         raise ValueError(f'additional_config["{ADDITIONAL_CONFIG_KEY}"] must be an object')
@@ -283,7 +282,8 @@ def offline_additional_config(additional_config: Mapping | str | None) -> dict:
             extra = json.loads(extra)
         except json.JSONDecodeError:
             return extra  # type: ignore[return-value]
-    if not isinstance(extra, Mapping) or not isinstance(extra.get(ADDITIONAL_CONFIG_KEY, {}), Mapping):
+    if not isinstance(extra, Mapping) or not isinstance(extra.get(ADDITIONAL_CONFIG_KEY, {}),
+                                                        Mapping):
         return extra  # type: ignore[return-value]
     mine = {"park_timeout_s": OFFLINE_PARK_TIMEOUT_S, **extra.get(ADDITIONAL_CONFIG_KEY, {})}
     return {**extra, ADDITIONAL_CONFIG_KEY: mine}

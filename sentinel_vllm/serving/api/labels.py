@@ -114,14 +114,9 @@ async def handle_labels(get_audit, receive, send, method: str = "POST") -> None:
         labels = parse_body(await read_capped(receive))
     except BodyError as exc:
         return await send_json(send, exc.status, {"error": str(exc)})
-    try:
-        audit = get_audit()
-    except Exception:  # noqa: BLE001 (no engine client)
-        log.exception("sentinel state")
-        audit = None
+    audit = await audit_or_503(get_audit, send)
     if audit is None:
-        return await send_json(send, 503, {"error": "the audit store is not available "
-                                                    "(see the server log)"})
+        return
     try:
         body = await audit.post(labels)
     except Exception as exc:  # noqa: BLE001 (nothing was stored: the transaction rolled back)
@@ -129,6 +124,19 @@ async def handle_labels(get_audit, receive, send, method: str = "POST") -> None:
         audit.error()
         return await send_json(send, 503, {"error": f"audit store: {type(exc).__name__}: {exc}"})
     await send_json(send, 200, body)
+
+
+async def audit_or_503(get_audit, send):
+    """The process's audit store, or None after answering 503 (no store, or it failed)."""
+    try:
+        audit = get_audit()
+    except Exception:  # noqa: BLE001 (no engine client)
+        log.exception("sentinel state")
+        audit = None
+    if audit is None:
+        await send_json(send, 503, {"error": "the audit store is not available "
+                                             "(see the server log)"})
+    return audit
 
 
 async def send_json(send, status: int, body: dict, headers=()) -> None:

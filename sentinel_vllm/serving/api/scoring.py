@@ -44,7 +44,7 @@ from sentinel_vllm.feature_sets import (
 )
 from sentinel_vllm.features import FEATURE_NAMES
 from sentinel_vllm.sentinel_file import DEFAULT_SENTINEL, resolve_sentinel_path
-from sentinel_vllm.series import canonical, series_name, split_series
+from sentinel_vllm.series import canonical, split_series
 from sentinel_vllm.serving.contract import DEFAULT_SERIES
 
 __all__ = [

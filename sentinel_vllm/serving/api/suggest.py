@@ -19,7 +19,7 @@ import logging
 import secrets
 from urllib.parse import parse_qs
 
-from sentinel_vllm.serving.api.labels import send_json
+from sentinel_vllm.serving.api.labels import audit_or_503, send_json
 
 __all__ = ["MAX_SUGGEST", "SUGGEST_PATH", "handle_suggest", "parse_query"]
 
@@ -69,13 +69,9 @@ async def handle_suggest(get_audit, scope, send) -> None:
         slice_label, n, seed = parse_query(scope.get("query_string", b""))
     except ValueError as exc:
         return await send_json(send, 400, {"error": str(exc)})
-    try:
-        audit = get_audit()
-    except Exception:  # noqa: BLE001 (no engine client)
-        log.exception("sentinel state")
-        audit = None
+    audit = await audit_or_503(get_audit, send)
     if audit is None:
-        return await send_json(send, 503, {"error": "the audit store is not available (see the server log)"})
+        return
     try:
         body = await audit.suggest(slice_label, n, seed)
     except LookupError as exc:
