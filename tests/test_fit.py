@@ -56,8 +56,23 @@ class Replay:
         return {}
 
 
-# the replayed fit trains 8 LOBO folds twice (fit and evaluate): minutes on 2 cores
+# the replayed fit trains 8 LOBO folds twice (fit and evaluate) and the band's nested folds:
+# minutes on 2 cores even with the light forest below
 slow = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def light_forest():
+    """A smaller forest and grid for every SentinelClassifier of this module (fit, train and
+    evaluate alike, so their numbers still match): the logic under test is the same."""
+    from sentinel_vllm.classifier import SentinelClassifier
+
+    kw = SentinelClassifier.__init__.__kwdefaults__
+    saved = dict(kw)
+    kw.update(n_estimators=30, max_depth_grid=(5,), min_samples_split_grid=(5,), cv=3)
+    yield
+    kw.clear()
+    kw.update(saved)
 
 
 @pytest.fixture(scope="module")
